@@ -1,0 +1,177 @@
+"""Pipeline configuration: one pydantic tree, two profiles, YAML/Dagster overrides.
+
+Every threshold, path and model id lives here. Functions below the Dagster layer take plain typed arguments
+picked out of this tree; nothing else reads environment variables or hard-codes a model id.
+
+Resolution order (later wins): profile defaults -> YAML file(s) -> explicit overrides (e.g. Dagster run config).
+A YAML file may be a plain settings mapping or Dagster run config (``resources.attrface.config.{profile,settings}``),
+so the same ``configs/full.yaml`` works for ``dagster job execute -c`` and for ``ATTRFACE_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROFILES = ("offline", "full")
+ENV_CONFIG = "ATTRFACE_CONFIG"
+ENV_PROFILE = "ATTRFACE_PROFILE"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(_Strict):
+    data_root: Path = Field(PROJECT_ROOT / "data" / "build", description="asset outputs: <root>/<asset>/<partition>/")
+    cache_dir: Path = Field(PROJECT_ROOT / "data" / "cache", description="model cache (hub downloads, tiny zoo)")
+
+
+class SourceConfig(_Strict):
+    """Where source photos come from: folders (scanned recursively), glob patterns, or ``.txt`` list files."""
+
+    paths: list[str] = Field(default_factory=lambda: [str(PROJECT_ROOT / "data" / "samples" / "faces")])
+    extensions: list[str] = Field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"]
+    )
+    chunk_size: int = Field(8, ge=1, description="source images per partition (chunk)")
+    dataset_name: str = "samples"
+
+
+class IngestConfig(_Strict):
+    min_side: int = Field(64, ge=1, description="images with a shorter side are quarantined (px)")
+    # Below PIL's own bomb limit (2 x 89.5 MP raises) so our bound is the one that fires, with our reason.
+    max_pixels: int = Field(80_000_000, ge=1, description="decompression-bomb bound on width*height")
+
+
+class DetectConfig(_Strict):
+    backend: Literal["dlib", "insightface"] = "dlib"
+    min_score: float = Field(0.5, description="detector confidence threshold (dlib mmod score | insightface prob)")
+    min_face_size: int = Field(48, ge=1, description="minimum bbox side in source pixels")
+    min_eye_distance: float = Field(12.0, ge=0, description="minimum inter-ocular distance in source pixels")
+    max_side: int = Field(1024, ge=64, description="detect on a copy whose long side is at most this")
+    max_upscale: float = Field(2.0, ge=1.0, description="small images are enlarged at most this much for detection")
+    dlib_upsample: int = Field(0, ge=0, le=2, description="extra dlib pyramid upsampling (x4 cost each)")
+    insightface_pack: str = Field("buffalo_l", description="model spec of an insightface pack dir")
+    insightface_det_size: int = Field(640, ge=32)
+
+
+class AlignConfig(_Strict):
+    size: int = Field(512, ge=32)
+    image_format: Literal["png", "jpg", "webp"] = "png"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+
+
+class ModelsConfig(_Strict):
+    """Model specs: a hub id (``org/name`` or ``org/name@revision``), a local directory, or ``tiny/<name>``."""
+
+    sd3: str = "tiny/sd3"
+    flux: str = "tiny/flux"
+    sd2_controlnet: str = "tiny/sd2-controlnet"
+    qwen3: str = "tiny/qwen3"
+    farl: str = "tiny/farl"
+    insightface_pack: str = "tiny/insightface"
+    allow_download: bool = Field(False, description="fetch hub ids into cache_dir (needs network + accepted licences)")
+
+
+class PipelineConfig(_Strict):
+    profile: Literal["offline", "full"] = "offline"
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    detect: DetectConfig = Field(default_factory=DetectConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, v: str) -> str:
+        if v not in PROFILES:
+            raise ValueError(f"unknown profile {v!r}; choose one of {PROFILES}")
+        return v
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short hash of the named sections (all if none): a stage re-runs when its inputs' config changes."""
+        dump = self.model_dump(mode="json")
+        picked = {k: dump[k] for k in sections} if sections else dump
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# What `full` changes relative to the offline defaults. Model licences: see README ("full profile").
+FULL_PROFILE: dict[str, Any] = {
+    "profile": "full",
+    "source": {"chunk_size": 1000, "dataset_name": "attrface"},
+    "detect": {"backend": "insightface", "min_score": 0.97, "min_face_size": 64, "min_eye_distance": 5.0},
+    "models": {
+        "sd3": "stabilityai/stable-diffusion-3.5-large",
+        "flux": "black-forest-labs/FLUX.1-dev",
+        "sd2_controlnet": "stabilityai/stable-diffusion-2-1-base",
+        "qwen3": "Qwen/Qwen3-8B",
+        "farl": "farl/face_attribute.farl.celeba.pt",
+        "insightface_pack": "buffalo_l",
+        "allow_download": True,
+    },
+}
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_settings_file(path: str | Path) -> dict[str, Any]:
+    """Settings mapping from a YAML file; accepts Dagster run config (resources.attrface.config) too."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist (from {ENV_CONFIG} or -c)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    resource = data.get("resources", {}).get("attrface", {}).get("config")
+    if resource is not None:
+        settings = dict(resource.get("settings") or {})
+        if resource.get("profile"):
+            settings.setdefault("profile", resource["profile"])
+        return settings
+    return data
+
+
+def load_config(
+    profile: str | None = None,
+    files: list[str | Path] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> PipelineConfig:
+    """Build the validated config: profile defaults, then YAML files, then overrides.
+
+    With no arguments, ``$ATTRFACE_CONFIG`` (a YAML path, or several joined by ``os.pathsep``) and
+    ``$ATTRFACE_PROFILE`` are read, so the Dagster code location and the CLI agree on one configuration.
+    """
+    if files is None:
+        env = os.environ.get(ENV_CONFIG, "")
+        files = [f for f in env.split(os.pathsep) if f]
+    layered: dict[str, Any] = {}
+    for f in files:
+        layered = deep_merge(layered, read_settings_file(f))
+    if overrides:
+        layered = deep_merge(layered, overrides)
+    chosen = profile or layered.get("profile") or os.environ.get(ENV_PROFILE) or "offline"
+    if chosen not in PROFILES:
+        raise ValueError(f"unknown profile {chosen!r}; choose one of {PROFILES}")
+    base: dict[str, Any] = FULL_PROFILE if chosen == "full" else {"profile": "offline"}
+    merged = deep_merge(base, layered)
+    merged["profile"] = chosen
+    return PipelineConfig.model_validate(merged)

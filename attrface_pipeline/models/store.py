@@ -1,0 +1,120 @@
+"""ModelStore: turn a model spec from the config into a local directory, or fail with the fix.
+
+Specs:
+- an existing local path (file or directory) -> itself;
+- ``tiny/<name>`` -> ``<cache>/tiny/<name>``, generated deterministically on first use (offline zoo);
+- ``org/name`` or ``org/name@revision`` -> a Hugging Face hub snapshot in ``<cache>/hub``: read from the cache
+  offline; downloaded only when ``allow_download`` is on (and the licence accepted on the hub);
+- a bare name such as ``buffalo_l`` -> an insightface model pack under ``<cache>/insightface/models/<name>``.
+
+Nothing is downloaded at import time, and nothing is written outside ``cache_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from attrface_pipeline.config import PipelineConfig
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model spec cannot be resolved to local files; the message says how to fix it."""
+
+
+def _split_revision(spec: str) -> tuple[str, str | None]:
+    if "@" in spec:
+        repo, rev = spec.rsplit("@", 1)
+        return repo, rev or None
+    return spec, None
+
+
+class ModelStore:
+    def __init__(self, cache_dir: str | Path, allow_download: bool = False):
+        self.cache_dir = Path(cache_dir)
+        self.allow_download = allow_download
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> "ModelStore":
+        return cls(cfg.paths.cache_dir, allow_download=cfg.models.allow_download)
+
+    @property
+    def hub_cache(self) -> Path:
+        return self.cache_dir / "hub"
+
+    def resolve(self, spec: str) -> Path:
+        """Local path for ``spec``; raises :class:`ModelNotAvailableError` with an actionable message."""
+        if not spec:
+            raise ModelNotAvailableError("empty model spec; set it in the config (models.*)")
+        local = Path(spec).expanduser()
+        if local.is_absolute() or spec.startswith((".", "~")):
+            if local.exists():
+                return local
+            raise ModelNotAvailableError(f"model path {local} does not exist; point the config at a downloaded copy")
+        if spec.startswith("tiny/"):
+            return self._tiny(spec.split("/", 1)[1])
+        if "/" not in spec:
+            return self._insightface_pack(spec)
+        return self._hub(spec)
+
+    # -- offline zoo -------------------------------------------------------------------------------------------
+    def _tiny(self, name: str) -> Path:
+        from attrface_pipeline.models import tiny
+
+        if name not in tiny.GENERATORS:
+            raise ModelNotAvailableError(f"unknown tiny model {name!r}; available: {sorted(tiny.GENERATORS)}")
+        target = self.cache_dir / "tiny" / name
+        if (target / tiny.DONE_MARKER).exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build in a sibling temp dir and rename: a crash never leaves a half-written model behind.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+        try:
+            tiny.generate(name, tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    # -- insightface packs ---------------------------------------------------------------------------------------
+    def _insightface_pack(self, name: str) -> Path:
+        pack = self.cache_dir / "insightface" / "models" / name
+        if pack.is_dir() and any(pack.glob("*.onnx")):
+            return pack
+        raise ModelNotAvailableError(
+            f"insightface model pack {name!r} not found at {pack}. insightface packs are not downloaded by this "
+            f"project: get {name}.zip from the insightface model zoo on a connected machine (check its licence: "
+            f"the buffalo packs are for non-commercial research), unzip it so the .onnx files sit in {pack}, or "
+            f"set models.insightface_pack to the directory holding them."
+        )
+
+    # -- hugging face hub ----------------------------------------------------------------------------------------
+    def _hub(self, spec: str) -> Path:
+        from huggingface_hub import snapshot_download
+
+        repo_id, revision = _split_revision(spec)
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, cache_dir=self.hub_cache, local_files_only=True))
+        except Exception as cached_error:  # noqa: BLE001 - any cache miss falls through to the download/advice
+            if not self.allow_download or os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise ModelNotAvailableError(
+                    f"model {repo_id!r}{f' (revision {revision})' if revision else ''} is not in the cache "
+                    f"{self.hub_cache} and downloads are off. Either: (1) on a machine with internet, accept the "
+                    f"model licence at https://huggingface.co/{repo_id}, then run "
+                    f"`hf download {repo_id} --cache-dir {self.hub_cache}` and copy the cache here; (2) set "
+                    f"models.allow_download: true (needs network and an HF token with access); or (3) point the "
+                    f"config at a local directory. Offline, the default profile uses tiny/* models. "
+                    f"[{type(cached_error).__name__}]"
+                ) from None
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, cache_dir=self.hub_cache))
+        except Exception as e:  # noqa: BLE001
+            raise ModelNotAvailableError(
+                f"downloading {repo_id!r} failed ({type(e).__name__}: {e}). Gated models (FLUX.1-dev, SD3.5) need "
+                f"their licence accepted on the hub and `hf auth login` (or HF_TOKEN) first."
+            ) from e

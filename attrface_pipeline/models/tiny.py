@@ -1,0 +1,265 @@
+"""The offline zoo: deterministic tiny random checkpoints in the real on-disk formats.
+
+Each generator writes a directory that the *same* loader reads for the real model (``from_pretrained`` with
+``local_files_only``, or insightface's ONNX loader), so every loading path runs offline. Weights are random:
+outputs are meaningless, shapes and formats are real. Sizes follow ENVIRONMENT.md's measured recipes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+DONE_MARKER = "attrface_tiny.json"
+SEED = 20261122
+
+
+def _seeded(offset: int) -> None:
+    torch.manual_seed(SEED + offset)
+
+
+def _vae(latent_channels: int, scaling_factor: float, shift_factor: float | None, quant_conv: bool):
+    """4-level AutoencoderKL (8x downsampling like the real ones) with few channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=512,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=quant_conv,
+        use_post_quant_conv=quant_conv,
+    )
+
+
+def _clip_text(tokenizer, hidden: int, projection: int | None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection or hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _t5_encoder(tokenizer, d_model: int = 64):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=16,
+        d_ff=d_model * 2,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def make_sd3(out: Path) -> None:
+    """StableDiffusion3Pipeline: SD3 transformer, 16-channel VAE, 2 CLIP-with-projection + T5 encoders."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from attrface_pipeline.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+
+    clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
+    _seeded(1)
+    transformer = SD3Transformer2DModel(
+        sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=64,
+    )
+    vae = _vae(16, scaling_factor=1.5305, shift_factor=0.0609, quant_conv=False)
+    text_encoder, text_encoder_2 = _clip_text(clip_tok, 32, 32), _clip_text(clip_tok, 32, 32)
+    text_encoder_3 = _t5_encoder(t5_tok, 64)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=clip_tok, text_encoder_2=text_encoder_2, tokenizer_2=clip_tok,
+        text_encoder_3=text_encoder_3, tokenizer_3=t5_tok,
+    )
+    pipe.save_pretrained(out)
+
+
+def make_flux(out: Path) -> None:
+    """FluxPipeline: Flux transformer (1 double + 2 single blocks), 16-channel VAE, CLIP + T5 encoders."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from attrface_pipeline.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+
+    clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
+    _seeded(2)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = _vae(16, scaling_factor=0.3611, shift_factor=0.1159, quant_conv=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=_clip_text(clip_tok, 32, None),
+        tokenizer=clip_tok, text_encoder_2=_t5_encoder(t5_tok, 64), tokenizer_2=t5_tok,
+    )
+    pipe.save_pretrained(out)
+
+
+def make_sd2_controlnet(out: Path) -> None:
+    """StableDiffusionControlNetPipeline (SD2-style UNet + ControlNet from it) with a CLIP image encoder."""
+    from diffusers import (ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from attrface_pipeline.models.farl import CLIP_MEAN, CLIP_STD
+    from attrface_pipeline.models.tokenizers import build_clip_tokenizer
+
+    clip_tok = build_clip_tokenizer()
+    _seeded(3)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+    )
+    controlnet = ControlNetModel.from_unet(unet)
+    vision = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=224, patch_size=32, projection_dim=32)
+    )
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, prediction_type="epsilon")
+    pipe = StableDiffusionControlNetPipeline(
+        vae=_vae(4, scaling_factor=0.18215, shift_factor=None, quant_conv=True), text_encoder=_clip_text(clip_tok, 32, None),
+        tokenizer=clip_tok, unet=unet, controlnet=controlnet, scheduler=scheduler, safety_checker=None,
+        feature_extractor=processor, image_encoder=vision, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+
+
+def make_qwen3(out: Path) -> None:
+    """Qwen3ForCausalLM (head_dim 32, as vLLM's CPU attention requires) with a ChatML tokenizer."""
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from attrface_pipeline.models.tokenizers import build_qwen2_tokenizer
+
+    tok = build_qwen2_tokenizer()
+    _seeded(4)
+    eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    config = Qwen3Config(
+        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=eos[1], eos_token_id=eos[0], pad_token_id=eos[1], torch_dtype="bfloat16",
+    )
+    if len(tok) > config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens, more than the model's vocab {config.vocab_size}")
+    model = Qwen3ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[1], do_sample=False)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def make_farl(out: Path) -> None:
+    """FaRL-architecture attribute model (ViT + facer head), 40 CelebA outputs."""
+    from attrface_pipeline.models.farl import FaRLAttributeModel
+
+    _seeded(5)
+    FaRLAttributeModel(image_size=224, patch_size=16, width=64, layers=2, heads=2, num_classes=40).save_pretrained(out)
+
+
+class _TinyArcFace(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.PReLU(8), torch.nn.Conv2d(8, 16, 3, 2, 1), torch.nn.PReLU(16),
+            torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(16 * 16, 512),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class _TinySCRFD(torch.nn.Module):
+    """SCRFD output layout: per stride 8/16/32, scores (1, HW*2, 1), boxes (1, HW*2, 4), keypoints (1, HW*2, 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 8, 8), torch.nn.ReLU())
+        self.down = torch.nn.ModuleList([torch.nn.Conv2d(8, 8, 3, 2, 1), torch.nn.Conv2d(8, 8, 3, 2, 1)])
+        self.heads = torch.nn.ModuleList([torch.nn.Conv2d(8, 2 * (1 + 4 + 10), 1) for _ in range(3)])
+
+    def forward(self, x):
+        feats = [self.stem(x)]
+        for conv in self.down:
+            feats.append(torch.relu(conv(feats[-1])))
+        scores, boxes, kps = [], [], []
+        for feat, head in zip(feats, self.heads):
+            out = head(feat).permute(0, 2, 3, 1)
+            scores.append(torch.sigmoid(out[..., :2].reshape(1, -1, 1)))
+            boxes.append(torch.relu(out[..., 2:10]).reshape(1, -1, 4))
+            kps.append(out[..., 10:].reshape(1, -1, 10))
+        return (*scores, *boxes, *kps)
+
+
+def make_insightface(out: Path) -> None:
+    """An insightface-style pack: SCRFD-layout detector ``det_tiny.onnx`` + ArcFace-shaped ``w600k_tiny.onnx``."""
+    out.mkdir(parents=True, exist_ok=True)
+    _seeded(6)
+    torch.onnx.export(
+        _TinyArcFace().eval(), torch.zeros(1, 3, 112, 112), str(out / "w600k_tiny.onnx"), input_names=["data"],
+        output_names=["fc1"], dynamic_axes={"data": {0: "batch"}, "fc1": {0: "batch"}}, dynamo=False,
+    )
+    names = [f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in (8, 16, 32)]
+    torch.onnx.export(
+        _TinySCRFD().eval(), torch.zeros(1, 3, 640, 640), str(out / "det_tiny.onnx"), input_names=["input"],
+        output_names=names, dynamic_axes={"input": {2: "height", 3: "width"}, **{n: {1: "anchors"} for n in names}},
+        dynamo=False,
+    )
+
+
+GENERATORS: dict[str, Callable[[Path], None]] = {
+    "sd3": make_sd3,
+    "flux": make_flux,
+    "sd2-controlnet": make_sd2_controlnet,
+    "qwen3": make_qwen3,
+    "farl": make_farl,
+    "insightface": make_insightface,
+}
+
+
+def generate(name: str, out: str | Path) -> Path:
+    """Write tiny model ``name`` into ``out`` (created) and mark it complete."""
+    out = Path(out)
+    try:
+        generator = GENERATORS[name]
+    except KeyError:
+        raise ValueError(f"unknown tiny model {name!r}; choose from {sorted(GENERATORS)}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    generator(out)
+    (out / DONE_MARKER).write_text(json.dumps({"name": name, "seed": SEED, "torch": torch.__version__}, indent=2))
+    return out

@@ -1,0 +1,92 @@
+"""Atomic, resumable partition storage: ``<data_root>/<asset>/<partition>/`` with a manifest and a marker.
+
+Every file is written to a temporary name in its destination directory and renamed into place, so a crash
+never leaves a half-written file under its final name. ``_stats.json`` is written last: its presence (with a
+matching config fingerprint) is what makes a partition complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STATS_FILE = "_stats.json"
+MANIFEST_FILE = "manifest.parquet"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def atomic_write_parquet(path: Path, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+class PartitionStore:
+    """Files of one asset partition. ``fingerprint`` identifies the config that produced them."""
+
+    def __init__(self, data_root: Path, asset: str, partition: str):
+        self.dir = Path(data_root) / asset / partition
+        self.asset = asset
+        self.partition = partition
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / MANIFEST_FILE
+
+    @property
+    def stats_path(self) -> Path:
+        return self.dir / STATS_FILE
+
+    def path(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+    def read_stats(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def is_complete(self, fingerprint: str) -> bool:
+        stats = self.read_stats()
+        return stats is not None and stats.get("fingerprint") == fingerprint and self.manifest_path.exists()
+
+    def invalidate(self) -> None:
+        """Drop the completion marker first, so a crash mid-rewrite can never look complete."""
+        self.stats_path.unlink(missing_ok=True)
+
+    def write_manifest(self, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+        atomic_write_parquet(self.manifest_path, pa.Table.from_pylist(rows, schema=schema))
+
+    def read_manifest(self) -> pa.Table:
+        if not self.manifest_path.exists():
+            raise FileNotFoundError(
+                f"{self.asset} partition {self.partition!r} has no manifest at {self.manifest_path}; "
+                f"materialize the upstream asset for this partition first"
+            )
+        return pq.read_table(self.manifest_path)
+
+    def complete(self, stats: dict[str, Any], fingerprint: str) -> None:
+        atomic_write_json(self.stats_path, {**stats, "fingerprint": fingerprint})
