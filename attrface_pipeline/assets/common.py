@@ -1,0 +1,60 @@
+"""Shared Dagster-layer helpers: partitions, chunk lookup, metadata rendering."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import dagster as dg
+import numpy as np
+
+from attrface_pipeline.config import PipelineConfig, load_config
+from attrface_pipeline.images import encode_image, preview_grid
+from attrface_pipeline.stages.ingest import chunk_sources, list_sources
+
+
+def source_chunks(cfg: PipelineConfig) -> dict[str, list[str]]:
+    return chunk_sources(list_sources(cfg.source.paths, cfg.source.extensions), cfg.source.chunk_size)
+
+
+def build_partitions(cfg: PipelineConfig | None = None) -> dg.StaticPartitionsDefinition:
+    """One partition per chunk of the source listing, computed when the code location loads."""
+    cfg = cfg or load_config()
+    try:
+        keys = list(source_chunks(cfg))
+    except FileNotFoundError:
+        keys = []  # a missing source must not break the UI; the assets raise the clear error at run time
+    return dg.StaticPartitionsDefinition(keys)
+
+
+def chunk_paths(cfg: PipelineConfig, partition: str) -> list[str]:
+    chunks = source_chunks(cfg)
+    if partition not in chunks:
+        raise dg.Failure(
+            f"partition {partition!r} is not a chunk of the configured sources ({len(chunks)} chunks: "
+            f"{', '.join(list(chunks)[:5])}...). The partitions come from the config the code location loaded "
+            f"($ATTRFACE_CONFIG); set the same source there as in this run's config."
+        )
+    return chunks[partition]
+
+
+def preview_markdown(images: list[np.ndarray], tile: int = 96, columns: int = 6) -> dg.MetadataValue:
+    """A small grid as an inline markdown image (rendered by the Dagster UI)."""
+    png = encode_image(preview_grid(images, tile=tile, columns=columns), "png")
+    return dg.MetadataValue.md(f"![preview](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
+def table_markdown(rows: list[dict[str, Any]], columns: list[str], limit: int = 20) -> dg.MetadataValue:
+    if not rows:
+        return dg.MetadataValue.md("_none_")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows[:limit]:
+        lines.append("| " + " | ".join(str(row.get(c, "")).replace("|", "/") for c in columns) + " |")
+    if len(rows) > limit:
+        lines.append(f"\n_{len(rows) - limit} more not shown_")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def counts_json(counts: dict[str, int]) -> dg.MetadataValue:
+    return dg.MetadataValue.json(json.loads(json.dumps(dict(sorted(counts.items())))))

@@ -1,0 +1,43 @@
+"""The one Definitions object: assets, jobs, resources.
+
+Jobs:
+- ``build_dataset``: every chunk in one run (``dagster job execute -m attrface_pipeline.definitions -j
+  build_dataset``); it carries the full partition range as its default tags.
+- ``build_dataset_chunk``: the same assets for one chosen partition (UI launchpad, backfills, or
+  ``--tags '{"dagster/partition": "chunk-00001"}'``).
+"""
+
+import dagster as dg
+
+from attrface_pipeline.assets.ingest import faces, raw_images
+from attrface_pipeline.assets.partitions import SOURCE_PARTITIONS
+from attrface_pipeline.assets.resources import AttrFaceConfig
+
+DATASET_ASSETS = [raw_images, faces]
+
+
+def _all_chunks_tags() -> dict[str, str]:
+    keys = SOURCE_PARTITIONS.get_partition_keys()
+    if not keys:
+        return {}
+    return {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
+
+
+build_dataset = dg.define_asset_job(
+    "build_dataset",
+    selection=DATASET_ASSETS,
+    tags=_all_chunks_tags(),
+    description="Build the dataset for every chunk of the configured sources in one run.",
+)
+build_dataset_chunk = dg.define_asset_job(
+    "build_dataset_chunk",
+    selection=DATASET_ASSETS,
+    partitions_def=SOURCE_PARTITIONS,
+    description="Build the dataset for one chunk (pick the partition in the launchpad or a backfill).",
+)
+
+defs = dg.Definitions(
+    assets=DATASET_ASSETS,
+    jobs=[build_dataset, build_dataset_chunk],
+    resources={"attrface": AttrFaceConfig()},
+)
