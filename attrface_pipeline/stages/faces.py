@@ -104,7 +104,7 @@ def process_image(
 
 def extract_faces(
     sources: Iterable[dict], detector: FaceDetector, thresholds: FaceThresholds, align: AlignSpec,
-    store: PartitionStore, *, min_side: int, max_pixels: int, log_every: int = 10, log=print,
+    store: PartitionStore, *, min_side: int, max_pixels: int, log_every: int = 4, log=print,
 ) -> tuple[list[dict], dict]:
     """Run :func:`process_image` over the ok rows of a raw_images manifest; returns (face rows, stats)."""
     sources = [s for s in sources if s["status"] == "ok"]

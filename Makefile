@@ -1,0 +1,26 @@
+# One command each: `make demo` (set up + build the sample dataset), `make test`, `make ui`.
+VENV ?= .venv
+export DAGSTER_HOME ?= $(CURDIR)/dagster_home
+
+.PHONY: setup demo test test-fast ui bench clean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/dagster job execute -m attrface_pipeline.definitions -j build_dataset
+
+test:
+	$(VENV)/bin/python -m pytest -q
+
+test-fast:
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+ui:
+	$(VENV)/bin/dagster dev -w workspace.yaml
+
+bench:
+	$(VENV)/bin/python benchmarks/detect_speed.py
+
+clean:
+	rm -rf data/build dagster_home/storage dagster_home/history dagster_home/schedules dagster_home/logs
