@@ -2,8 +2,11 @@
 
 
 import hashlib
+from collections import Counter
 import json
+import shutil
 import time
+from typing import Callable
 
 import dagster as dg
 
@@ -12,10 +15,10 @@ from attrface_pipeline.assets.common import chunk_paths, counts_json, preview_ma
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.images import read_rgb
 from attrface_pipeline.models.store import ModelStore
-from attrface_pipeline.stages.detect import make_detector
+from attrface_pipeline.stages.detect import FaceDetector, make_detector
 from attrface_pipeline.stages.faces import FACE_SCHEMA, AlignSpec, FaceThresholds, extract_faces
 from attrface_pipeline.stages.ingest import SOURCE_SCHEMA, ingest_chunk, records_to_rows
-from attrface_pipeline.storage import PartitionStore
+from attrface_pipeline.storage import PartitionStore, atomic_write_bytes
 
 
 def _raw_images_partition(context: dg.AssetExecutionContext, attrface: AttrFaceConfig, partition: str) -> dict:
@@ -32,9 +35,7 @@ def _raw_images_partition(context: dg.AssetExecutionContext, attrface: AttrFaceC
     rows = records_to_rows(records)
     store.write_manifest(rows, SOURCE_SCHEMA)
     quarantined = [r for r in rows if r["status"] != "ok"]
-    reasons: dict[str, int] = {}
-    for r in quarantined:
-        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    reasons = dict(Counter(r["reason"] for r in quarantined))
     stats = {
         "partition": partition, "sources": len(rows), "ok": len(rows) - len(quarantined),
         "quarantined": len(quarantined), "quarantine_reasons": reasons, "seconds": round(time.perf_counter() - t0, 3),
@@ -54,24 +55,21 @@ def _raw_images_partition(context: dg.AssetExecutionContext, attrface: AttrFaceC
 def raw_images(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
     all_stats = [_raw_images_partition(context, attrface, p) for p in context.partition_keys]
     quarantine_rows = [row for s in all_stats for row in s["quarantine_table"]]
-    reasons: dict[str, int] = {}
-    for s in all_stats:
-        for k, v in s["quarantine_reasons"].items():
-            reasons[k] = reasons.get(k, 0) + v
     return dg.MaterializeResult(
         metadata={
             "partitions": len(all_stats),
             "sources": sum(s["sources"] for s in all_stats),
             "ok": sum(s["ok"] for s in all_stats),
             "quarantined": sum(s["quarantined"] for s in all_stats),
-            "quarantine_reasons": counts_json(reasons),
+            "quarantine_reasons": counts_json(_merge_counts(s["quarantine_reasons"] for s in all_stats)),
             "quarantine": table_markdown(quarantine_rows, ["key", "source_path", "reason", "detail"]),
             "seconds": sum(s["seconds"] for s in all_stats),
         }
     )
 
 
-def _faces_partition(context: dg.AssetExecutionContext, attrface: AttrFaceConfig, partition: str) -> dict:
+def _faces_partition(context: dg.AssetExecutionContext, attrface: AttrFaceConfig, partition: str,
+                     get_detector: Callable[[], FaceDetector]) -> dict:
     cfg = attrface.pipeline_config()
     source_store = PartitionStore(cfg.paths.data_root, "raw_images", partition)
     sources = source_store.read_manifest().to_pylist()
@@ -81,19 +79,15 @@ def _faces_partition(context: dg.AssetExecutionContext, attrface: AttrFaceConfig
     if store.is_complete(fingerprint):
         context.log.info(f"faces {partition}: complete, reusing {store.dir}")
         return store.read_stats()
-    previous = store.read_stats()
     store.invalidate()
-    if previous is not None and previous.get("fingerprint") != fingerprint:
-        # Different detector/alignment settings: per-image records from the old settings must not be resumed.
-        import shutil
-
+    settings = store.path("records", "_fingerprint")
+    if not settings.exists() or settings.read_text() != fingerprint:
+        # Per-image records made under other detector/alignment settings (or another upstream) must not be resumed.
         shutil.rmtree(store.path("records"), ignore_errors=True)
         shutil.rmtree(store.path("aligned"), ignore_errors=True)
+        atomic_write_bytes(settings, fingerprint.encode())
     det = cfg.detect
-    pack = ModelStore.from_config(cfg).resolve(cfg.models.insightface_pack) if det.backend == "insightface" else None
-    detector = make_detector(det.backend, max_side=det.max_side, max_upscale=det.max_upscale,
-                             dlib_upsample=det.dlib_upsample, insightface_pack=pack,
-                             det_size=det.insightface_det_size, min_score=det.min_score)
+    detector = get_detector()
     t0 = time.perf_counter()
     rows, stats = extract_faces(
         sources, detector, FaceThresholds(det.min_score, det.min_face_size, det.min_eye_distance),
@@ -107,11 +101,7 @@ def _faces_partition(context: dg.AssetExecutionContext, attrface: AttrFaceConfig
 
 
 def _merge_counts(dicts) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for d in dicts:
-        for k, v in d.items():
-            out[k] = out.get(k, 0) + v
-    return out
+    return dict(sum((Counter(d) for d in dicts), Counter()))
 
 
 @dg.asset(
@@ -124,7 +114,18 @@ def _merge_counts(dicts) -> dict[str, int]:
 )
 def faces(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
     cfg = attrface.pipeline_config()
-    all_stats = [_faces_partition(context, attrface, p) for p in context.partition_keys]
+    loaded: list[FaceDetector] = []
+
+    def get_detector() -> FaceDetector:  # loaded once per step, and only if some partition needs work
+        if not loaded:
+            det = cfg.detect
+            pack = ModelStore.from_config(cfg).resolve(cfg.models.insightface_pack) if det.backend == "insightface" else None
+            loaded.append(make_detector(det.backend, max_side=det.max_side, max_upscale=det.max_upscale,
+                                        dlib_upsample=det.dlib_upsample, insightface_pack=pack,
+                                        det_size=det.insightface_det_size, min_score=det.min_score))
+        return loaded[0]
+
+    all_stats = [_faces_partition(context, attrface, p, get_detector) for p in context.partition_keys]
     previews = []
     for p in context.partition_keys:
         store = PartitionStore(cfg.paths.data_root, "faces", p)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -138,15 +139,9 @@ def extract_faces(
         "images_without_faces": sum(r["status"] == "ok" and not r["faces"] for r in records),
         "detections": len(rows),
         "faces_ok": sum(f["status"] == "ok" for f in rows),
-        "rejections": _count(f["reason"].split(":")[0] for f in rows if f["status"] != "ok"),
-        "failures": _count(r["reason"].split(":")[0] for r in records if r["status"] != "ok"),
+        "rejections": dict(Counter(f["reason"].split(":")[0] for f in rows if f["status"] != "ok")),
+        "failures": dict(Counter(r["reason"].split(":")[0] for r in records if r["status"] != "ok")),
         "detect_seconds": round(detect_seconds, 3),
     }
     return rows, stats
 
-
-def _count(items: Iterable[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in items:
-        out[item] = out.get(item, 0) + 1
-    return out
