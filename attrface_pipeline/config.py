@@ -115,7 +115,8 @@ FULL_PROFILE: dict[str, Any] = {
         "flux": "black-forest-labs/FLUX.1-dev",
         "sd2_controlnet": "stabilityai/stable-diffusion-2-1-base",
         "qwen3": "Qwen/Qwen3-8B",
-        "farl": "farl/face_attribute.farl.celeba.pt",
+        # facer publishes this checkpoint as a release file, not a hub repo: download it to this path.
+        "farl": "./data/cache/facer/face_attribute.farl.celeba.pt",
         "insightface_pack": "buffalo_l",
         "allow_download": True,
     },
