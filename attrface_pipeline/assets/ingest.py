@@ -1,17 +1,16 @@
 """Dagster assets for ingest and face extraction: read inputs, call a stage, write outputs, report metadata."""
 
-
 import hashlib
-from collections import Counter
 import json
 import shutil
 import time
+from collections import Counter
 from typing import Callable
 
 import dagster as dg
 
-from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
 from attrface_pipeline.assets.common import chunk_paths, counts_json, preview_markdown, table_markdown
+from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.images import read_rgb
 from attrface_pipeline.models.store import ModelStore
