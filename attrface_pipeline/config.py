@@ -60,7 +60,6 @@ class DetectConfig(_Strict):
     max_side: int = Field(1024, ge=64, description="detect on a copy whose long side is at most this")
     max_upscale: float = Field(1.0, ge=1.0, description="small images are enlarged at most this much for detection")
     dlib_upsample: int = Field(0, ge=0, le=2, description="extra dlib pyramid upsampling (x4 cost each)")
-    insightface_pack: str = Field("buffalo_l", description="model spec of an insightface pack dir")
     insightface_det_size: int = Field(640, ge=32)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
 
 import dagster as dg
@@ -28,8 +27,8 @@ def build_partitions(cfg: PipelineConfig | None = None) -> dg.StaticPartitionsDe
     return dg.StaticPartitionsDefinition(keys)
 
 
-def chunk_paths(cfg: PipelineConfig, partition: str) -> list[str]:
-    chunks = source_chunks(cfg)
+def chunk_paths(chunks: dict[str, list[str]], partition: str) -> list[str]:
+    """The source paths of ``partition`` from a :func:`source_chunks` listing, or a clear failure."""
     if partition not in chunks:
         raise dg.Failure(
             f"partition {partition!r} is not a chunk of the configured sources ({len(chunks)} chunks: "
@@ -57,4 +56,4 @@ def table_markdown(rows: list[dict[str, Any]], columns: list[str], limit: int = 
 
 
 def counts_json(counts: dict[str, int]) -> dg.MetadataValue:
-    return dg.MetadataValue.json(json.loads(json.dumps(dict(sorted(counts.items())))))
+    return dg.MetadataValue.json(dict(sorted(counts.items())))

@@ -9,9 +9,11 @@ from typing import Callable
 
 import dagster as dg
 
-from attrface_pipeline.assets.common import chunk_paths, counts_json, preview_markdown, table_markdown
+from attrface_pipeline.assets.common import (chunk_paths, counts_json, preview_markdown, source_chunks,
+                                             table_markdown)
 from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
 from attrface_pipeline.assets.resources import AttrFaceConfig
+from attrface_pipeline.config import PipelineConfig
 from attrface_pipeline.images import read_rgb
 from attrface_pipeline.models.store import ModelStore
 from attrface_pipeline.stages.detect import FaceDetector, make_detector
@@ -20,9 +22,8 @@ from attrface_pipeline.stages.ingest import SOURCE_SCHEMA, ingest_chunk, records
 from attrface_pipeline.storage import PartitionStore, atomic_write_bytes
 
 
-def _raw_images_partition(context: dg.AssetExecutionContext, attrface: AttrFaceConfig, partition: str) -> dict:
-    cfg = attrface.pipeline_config()
-    paths = chunk_paths(cfg, partition)
+def _raw_images_partition(context: dg.AssetExecutionContext, cfg: PipelineConfig, paths: list[str],
+                          partition: str) -> dict:
     store = PartitionStore(cfg.paths.data_root, "raw_images", partition)
     fingerprint = cfg.fingerprint("ingest") + hashlib.sha256("\n".join(paths).encode()).hexdigest()[:8]
     if store.is_complete(fingerprint):
@@ -52,7 +53,9 @@ def _raw_images_partition(context: dg.AssetExecutionContext, attrface: AttrFaceC
     kinds={"python", "parquet"},
 )
 def raw_images(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
-    all_stats = [_raw_images_partition(context, attrface, p) for p in context.partition_keys]
+    cfg = attrface.pipeline_config()
+    chunks = source_chunks(cfg)  # one directory scan per step, not one per partition
+    all_stats = [_raw_images_partition(context, cfg, chunk_paths(chunks, p), p) for p in context.partition_keys]
     quarantine_rows = [row for s in all_stats for row in s["quarantine_table"]]
     return dg.MaterializeResult(
         metadata={
@@ -67,9 +70,8 @@ def raw_images(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> d
     )
 
 
-def _faces_partition(context: dg.AssetExecutionContext, attrface: AttrFaceConfig, partition: str,
+def _faces_partition(context: dg.AssetExecutionContext, cfg: PipelineConfig, partition: str,
                      get_detector: Callable[[], FaceDetector]) -> dict:
-    cfg = attrface.pipeline_config()
     source_store = PartitionStore(cfg.paths.data_root, "raw_images", partition)
     sources = source_store.read_manifest().to_pylist()
     upstream = (source_store.read_stats() or {}).get("fingerprint", "")
@@ -124,7 +126,7 @@ def faces(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.Mat
                                         det_size=det.insightface_det_size, min_score=det.min_score))
         return loaded[0]
 
-    all_stats = [_faces_partition(context, attrface, p, get_detector) for p in context.partition_keys]
+    all_stats = [_faces_partition(context, cfg, p, get_detector) for p in context.partition_keys]
     previews = []
     for p in context.partition_keys:
         store = PartitionStore(cfg.paths.data_root, "faces", p)

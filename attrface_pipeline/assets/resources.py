@@ -1,12 +1,10 @@
 """Dagster resources: the pipeline config, built from run config on top of the code location's defaults."""
 
-
 from typing import Any, Optional
 
 import dagster as dg
 
 from attrface_pipeline.config import PipelineConfig, load_config
-from attrface_pipeline.models.store import ModelStore
 
 
 class AttrFaceConfig(dg.ConfigurableResource):
@@ -22,6 +20,3 @@ class AttrFaceConfig(dg.ConfigurableResource):
 
     def pipeline_config(self) -> PipelineConfig:
         return load_config(self.profile, self.config_files, self.settings or None)
-
-    def model_store(self) -> ModelStore:
-        return ModelStore.from_config(self.pipeline_config())
