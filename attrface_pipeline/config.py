@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from attrface_pipeline.attributes import CELEBA_ATTRIBUTES, DEFAULT_CONTROLLABLE
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("offline", "full")
@@ -69,6 +71,61 @@ class AlignConfig(_Strict):
     jpeg_quality: int = Field(95, ge=1, le=100)
 
 
+class AttributesConfig(_Strict):
+    """FaRL attribute classification; which attributes may be flipped and where 'unknown' begins."""
+
+    controllable: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CONTROLLABLE),
+        description="CelebA attribute names the dataset may flip (REFERENCE.md: a design decision)",
+    )
+    positive_threshold: float = Field(0.6, gt=0, lt=1, description="p above this: attribute present")
+    negative_threshold: float = Field(0.4, gt=0, lt=1, description="p below this: attribute absent")
+    batch_size: int = Field(32, ge=1)
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu) or a torch device string")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+
+    @field_validator("controllable")
+    @classmethod
+    def _known_attributes(cls, v: list[str]) -> list[str]:
+        unknown = [a for a in v if a not in CELEBA_ATTRIBUTES]
+        if unknown:
+            raise ValueError(f"unknown CelebA attribute(s) {unknown}; names are case-sensitive, e.g. 'Eyeglasses'")
+        if len(set(v)) != len(v):
+            raise ValueError(f"controllable attributes repeat: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _band(self) -> AttributesConfig:
+        if self.negative_threshold > self.positive_threshold:
+            raise ValueError(
+                f"negative_threshold {self.negative_threshold} must not exceed positive_threshold {self.positive_threshold}"
+            )
+        return self
+
+
+class VllmConfig(_Strict):
+    """An OpenAI-compatible server (``vllm serve <model>``). The API key is read from an env var, never stored."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str | None = Field(None, description="served model name; default: the models.qwen3 spec as served")
+    api_key_env: str = Field("ATTRFACE_VLLM_API_KEY", description="env var holding the key ('EMPTY' if unset)")
+    concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0, description="extra attempts per face after an error or an invalid answer")
+    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each attempt (plus jitter)")
+    structured_output: bool = Field(True, description="ask the server to constrain decoding to the JSON schema")
+
+
+class VerbalizeConfig(_Strict):
+    backend: Literal["template", "transformers", "vllm"] = "template"
+    targets: Literal["all", "sample"] = Field("all", description="all flippable attributes, or k sampled per face")
+    k: int = Field(2, ge=1, description="targets per face when targets == 'sample'")
+    seed: int = 0
+    temperature: float = Field(0.7, ge=0)
+    max_tokens: int = Field(512, ge=16)
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
+
+
 class ModelsConfig(_Strict):
     """Model specs: a hub id (``org/name`` or ``org/name@revision``), a local directory, or ``tiny/<name>``."""
 
@@ -88,6 +145,8 @@ class PipelineConfig(_Strict):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     detect: DetectConfig = Field(default_factory=DetectConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
+    attributes: AttributesConfig = Field(default_factory=AttributesConfig)
+    verbalize: VerbalizeConfig = Field(default_factory=VerbalizeConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
 
     @field_validator("profile")
@@ -109,6 +168,8 @@ FULL_PROFILE: dict[str, Any] = {
     "profile": "full",
     "source": {"chunk_size": 1000, "dataset_name": "attrface"},
     "detect": {"backend": "insightface", "min_score": 0.97, "min_face_size": 64, "min_eye_distance": 5.0},
+    # `vllm serve Qwen/Qwen3-8B` on the default port; Qwen3's non-thinking mode recommends temperature 0.7.
+    "verbalize": {"backend": "vllm", "vllm": {"model": "Qwen/Qwen3-8B", "concurrency": 32}},
     "models": {
         "sd3": "stabilityai/stable-diffusion-3.5-large",
         "flux": "black-forest-labs/FLUX.1-dev",

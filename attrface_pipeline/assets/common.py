@@ -38,10 +38,14 @@ def chunk_paths(chunks: dict[str, list[str]], partition: str) -> list[str]:
     return chunks[partition]
 
 
+def png_markdown(png: bytes, alt: str = "preview") -> dg.MetadataValue:
+    """PNG bytes as an inline markdown image (rendered by the Dagster UI)."""
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
 def preview_markdown(images: list[np.ndarray], tile: int = 96, columns: int = 6) -> dg.MetadataValue:
-    """A small grid as an inline markdown image (rendered by the Dagster UI)."""
-    png = encode_image(preview_grid(images, tile=tile, columns=columns), "png")
-    return dg.MetadataValue.md(f"![preview](data:image/png;base64,{base64.b64encode(png).decode()})")
+    """A small grid of images as an inline markdown image."""
+    return png_markdown(encode_image(preview_grid(images, tile=tile, columns=columns), "png"))
 
 
 def table_markdown(rows: list[dict[str, Any]], columns: list[str], limit: int = 20) -> dg.MetadataValue:

@@ -8,6 +8,8 @@ checkpoint maps onto it key by key.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
@@ -83,3 +85,81 @@ class FaRLAttributeModel(ModelMixin, ConfigMixin):
         weights = torch.softmax(self.head_weights, dim=0)
         fused = sum(w * norm(p) for w, norm, p in zip(weights, self.head_norms, pooled))
         return torch.sigmoid(self.classifier(fused))
+
+
+# --- facer checkpoint format ------------------------------------------------------------------------------------
+# facer (FacePerceiver/facer, facer/farl/classification.py) wraps OpenAI-CLIP's VisualTransformer as ``backbone``
+# (``proj`` and ``ln_post`` deleted) and VITClassificationHeadV0 as ``head``: ``weights`` (1, 3, 1) softmaxed over
+# [mean, max, cls], ``norm_0..2`` LayerNorms in that order, ``final_fc`` Linear. Its forward returns logits.
+_FACER_HEAD = {"head.final_fc.weight": "classifier.weight", "head.final_fc.bias": "classifier.bias"}
+_FACER_IGNORED = ("backbone.proj", "backbone.ln_post.weight", "backbone.ln_post.bias")
+
+
+class FacerCheckpointError(ValueError):
+    """The state dict is not facer's FaRL attribute format (names or shapes differ)."""
+
+
+def convert_facer_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """facer ``face_attribute.farl.*.pt`` state dict -> (our state dict, our config kwargs)."""
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
+        state_dict = state_dict["state_dict"]
+    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    out: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for key, value in sd.items():
+        if key in _FACER_IGNORED:
+            continue
+        if key in _FACER_HEAD:
+            out[_FACER_HEAD[key]] = value
+        elif key == "head.weights":
+            if value.numel() != 3:
+                raise FacerCheckpointError(
+                    f"head.weights has {value.numel()} entries: a head over {value.numel() // 3} layers; only the "
+                    "single-layer head of the published CelebA checkpoint (layers=[11]) is supported"
+                )
+            out["head_weights"] = value.reshape(3)
+        elif key.startswith("head.norm_") and key.count(".") == 2:
+            _, norm, param = key.split(".")
+            out[f"head_norms.{norm.removeprefix('norm_')}.{param}"] = value
+        elif key.startswith("backbone."):
+            out[key.removeprefix("backbone.")] = value
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise FacerCheckpointError(f"keys outside facer's FaRL attribute format: {unexpected[:5]}")
+    try:
+        width, _, patch, _ = out["conv1.weight"].shape
+        tokens = out["positional_embedding"].shape[0]
+        layers = 1 + max(int(k.split(".")[2]) for k in out if k.startswith("transformer.resblocks."))
+        num_classes = out["classifier.weight"].shape[0]
+    except (KeyError, ValueError) as err:
+        raise FacerCheckpointError(f"not a facer FaRL attribute state dict: missing {err}") from None
+    grid = int(round((tokens - 1) ** 0.5))
+    config = dict(image_size=grid * patch, patch_size=patch, width=width, layers=layers,
+                  heads=max(1, width // 64), num_classes=num_classes)  # CLIP's rule: 64-dim heads
+    return out, config
+
+
+def load_facer_checkpoint(path: str | Path, heads: int | None = None) -> FaRLAttributeModel:
+    """Build our model from facer's ``.pt`` file, read with ``weights_only=True`` (no pickled code runs)."""
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(raw, dict):
+        raise FacerCheckpointError(f"{path}: expected a state dict, got {type(raw).__name__}")
+    state, config = convert_facer_state_dict(raw)
+    if heads is not None:
+        config["heads"] = heads
+    model = FaRLAttributeModel(**config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise FacerCheckpointError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()
+
+
+def load_attribute_model(path: str | Path) -> FaRLAttributeModel:
+    """A ``from_pretrained`` directory (ours, e.g. the tiny zoo or a converted checkpoint) or a facer ``.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        return FaRLAttributeModel.from_pretrained(path).eval()
+    if path.suffix in {".pt", ".pth", ".bin"}:
+        return load_facer_checkpoint(path)
+    raise FacerCheckpointError(f"{path}: expected a model directory (config.json) or facer's .pt checkpoint")

@@ -31,7 +31,22 @@ ARCFACE_TEMPLATE_112 = np.array(
     ],
     dtype=np.float64,
 )
-TEMPLATES = {"ffhq": (FFHQ_TEMPLATE_512, 512), "arcface": (ARCFACE_TEMPLATE_112, 112)}
+# facer's FaRL attribute crop (celeba/224): its 256-px "xray" points shifted down 30 px, re-centred in a 500-px
+# frame and scaled to 224 (facer/face_attribute/farl.py, get_std_points_xray(out_size=224, mid_size=500)).
+FARL_TEMPLATE_224 = np.array(
+    [
+        [93.10780, 106.52508],
+        [130.39183, 105.87947],
+        [111.80915, 129.47227],
+        [95.28799, 146.36223],
+        [129.60949, 145.76724],
+    ]
+)
+TEMPLATES = {
+    "ffhq": (FFHQ_TEMPLATE_512, 512),
+    "arcface": (ARCFACE_TEMPLATE_112, 112),
+    "farl": (FARL_TEMPLATE_224, 224),
+}
 # GFPGAN's fill colour for pixels outside the source image.
 BORDER_VALUE = (135, 133, 132)
 

@@ -1,0 +1,38 @@
+"""Small PNG charts for asset metadata and dataset cards (matplotlib, headless, nothing written to ~/.config)."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+
+# matplotlib writes a font cache under MPLCONFIGDIR (default ~/.config/matplotlib); keep it out of $HOME.
+os.environ.setdefault("MPLCONFIGDIR", os.path.join(tempfile.gettempdir(), "attrface-matplotlib"))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # noqa: E402
+
+STATE_COLOURS = {"positive": "#2a9d8f", "negative": "#e76f51", "unknown": "#bdbdbd"}
+
+
+def stacked_bar_png(rows: Sequence[dict], label: str, parts: Sequence[str], title: str) -> bytes:
+    """Horizontal stacked bars, one per row (``row[label]``), segments ``row[part]`` for each part."""
+    fig, ax = plt.subplots(figsize=(6.4, 0.32 * max(len(rows), 3) + 1.0), dpi=100)
+    names = [r[label] for r in rows]
+    left = [0.0] * len(rows)
+    for part in parts:
+        values = [float(r[part]) for r in rows]
+        ax.barh(names, values, left=left, label=part, color=STATE_COLOURS.get(part))
+        left = [a + b for a, b in zip(left, values)]
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
