@@ -2,10 +2,13 @@
 VENV ?= .venv
 export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 
-.PHONY: setup demo test test-fast ui bench clean
+.PHONY: setup setup-vllm demo test test-fast ui bench bench-verbalize clean
 
 setup:
 	bash scripts/setup.sh
+
+setup-vllm:
+	bash scripts/setup_vllm.sh
 
 demo: setup
 	$(VENV)/bin/dagster job execute -m attrface_pipeline.definitions -j build_dataset
@@ -21,6 +24,9 @@ ui:
 
 bench:
 	$(VENV)/bin/python benchmarks/detect_speed.py
+
+bench-verbalize:
+	$(VENV)/bin/python benchmarks/verbalize_throughput.py
 
 clean:
 	rm -rf data/build dagster_home/storage dagster_home/history dagster_home/schedules dagster_home/logs
