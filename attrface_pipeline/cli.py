@@ -62,5 +62,32 @@ def resolve_model(
         raise typer.Exit(2) from None
 
 
+@app.command("serve-llm")
+def serve_llm(
+    model: str = typer.Option("tiny/qwen3", help="model spec (tiny/qwen3, a local dir, or a cached hub id)"),
+    port: int = typer.Option(8000, help="port on 127.0.0.1 (the default verbalize.vllm.base_url uses 8000)"),
+    name: Optional[str] = typer.Option(None, help="served model name (default: the spec)"),
+    profile: Optional[str] = typer.Option(None),
+) -> None:
+    """Run a local OpenAI-compatible vLLM server (from .venv-vllm) until Ctrl-C, for backend=vllm runs."""
+    import time
+
+    from attrface_pipeline.config import load_config
+    from attrface_pipeline.models.store import ModelStore
+    from attrface_pipeline.models.vllm_server import VllmServer
+
+    cfg = load_config(profile)
+    server = VllmServer(ModelStore.from_config(cfg).resolve(model), name or model, port=port,
+                        cache_dir=cfg.paths.cache_dir)
+    typer.echo(f"starting vLLM for {model} (log: {server.log_path}) ...")
+    with server:
+        typer.echo(f"serving {name or model} at {server.base_url}; Ctrl-C stops it")
+        try:
+            while server.process.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
 if __name__ == "__main__":
     app()
