@@ -43,9 +43,11 @@ def test_build_dataset_materializes_every_chunk(build):
     os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
     try:
         instance = dg.DagsterInstance.get()
-        for asset in ("raw_images", "faces"):
+        for asset in ("raw_images", "faces", "face_attributes", "edit_prompts"):
             assert instance.get_materialized_partitions(dg.AssetKey(asset)) == {"chunk-00000", "chunk-00001"}
         meta = instance.get_latest_materialization_event(dg.AssetKey("faces")).asset_materialization.metadata
+        attr_meta = instance.get_latest_materialization_event(dg.AssetKey("face_attributes")).asset_materialization.metadata
+        prompt_meta = instance.get_latest_materialization_event(dg.AssetKey("edit_prompts")).asset_materialization.metadata
     finally:
         del os.environ["DAGSTER_HOME"]
     assert meta["faces_ok"].value == EXPECTED_FACES
@@ -62,6 +64,19 @@ def test_build_dataset_materializes_every_chunk(build):
     assert len(ok_rows) == EXPECTED_FACES
     assert all((tmp / "out" / "faces").glob(f"chunk-*/{r['aligned_path']}") for r in ok_rows)
     assert not list((tmp / "out").rglob("*.tmp"))
+
+    # attributes and prompts for every aligned face (offline profile: tiny FaRL, template verbalizer)
+    attrs = [r for f in sorted((tmp / "out" / "face_attributes").glob("chunk-*/manifest.parquet"))
+             for r in pq.read_table(f).to_pylist()]
+    assert sorted(r["face_key"] for r in attrs) == sorted(r["face_key"] for r in ok_rows)
+    assert all(len(r["probabilities"]) == 40 and 0 <= min(r["probabilities"]) for r in attrs)
+    assert attr_meta["faces"].value == EXPECTED_FACES
+    assert attr_meta["distribution_chart"].value.startswith("![attribute distribution](data:image/png;base64,")
+    prompts = [r for f in sorted((tmp / "out" / "edit_prompts").glob("chunk-*/manifest.parquet"))
+               for r in pq.read_table(f).to_pylist()]
+    assert sorted(r["face_key"] for r in prompts) == sorted(r["face_key"] for r in ok_rows)
+    assert all(r["backend"] == "template" and r["source_prompt"].startswith("A close-up") for r in prompts)
+    assert prompt_meta["targets"].value == sum(len(r["targets"]) for r in prompts) > 0
 
 
 def test_rerun_is_idempotent_and_resumes_a_partial_partition(build):
