@@ -126,6 +126,47 @@ class VerbalizeConfig(_Strict):
     vllm: VllmConfig = Field(default_factory=VllmConfig)
 
 
+class EditConfig(_Strict):
+    """FlowEdit on SD3/SD3.5 (``models.sd3``). Defaults here are the offline profile's (tiny model, small and fast);
+    the full profile uses the official SD3-medium values (see FULL_PROFILE)."""
+
+    resolution: int = Field(128, ge=16, description="edit resolution (px, multiple of 16); crops are resized to it")
+    steps: int = Field(10, ge=1, description="T: scheduler steps")
+    n_max: int = Field(7, ge=0, description="FlowEdit runs on the last n_max steps (skips the noisiest)")
+    n_min: int = Field(0, ge=0, description="the last n_min steps are plain sampling with the target prompt")
+    n_avg: int = Field(1, ge=1, description="noise draws averaged per step")
+    src_guidance: float = 3.5
+    tar_guidance: float = 13.5
+    negative_prompt: str = ""
+    beta: float = Field(0.0, ge=0, le=1, description="noise blending: target velocity at (1-b) z_tar + b z_src")
+    beta_schedule: list[float] | None = Field(None, description="per-step beta (length == steps); overrides beta")
+    beta_map: Literal["uniform", "outside_region"] = Field(
+        "uniform", description="spatial beta: everywhere, or only outside the flipped attribute's landmark region"
+    )
+    region_masks: bool = Field(False, description="confine each edit to its attribute's landmark region (soft)")
+    mask_softness: float = Field(0.08, ge=0, description="Gaussian feather of region masks, fraction of the size")
+    max_sequence_length: int = Field(128, ge=8, le=512, description="T5 tokens for the prompts")
+    batch_size: int = Field(4, ge=1, description="pairs per transformer batch (x4 latents per call)")
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    cpu_offload: bool = Field(False, description="model CPU offload (small GPUs; slower)")
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    compile: bool = Field(False, description="torch.compile the transformer")
+    log_every: int = Field(16, ge=1, description="log progress every N pairs")
+
+    @model_validator(mode="after")
+    def _shape(self) -> EditConfig:
+        if self.resolution % 16:
+            raise ValueError(f"edit.resolution {self.resolution} must be a multiple of 16 (VAE x8, patch 2)")
+        if self.n_max > self.steps:
+            raise ValueError(f"edit.n_max {self.n_max} exceeds edit.steps {self.steps}")
+        if self.beta_schedule is not None and len(self.beta_schedule) != self.steps:
+            raise ValueError(f"edit.beta_schedule has {len(self.beta_schedule)} values for {self.steps} steps")
+        return self
+
+
 class ModelsConfig(_Strict):
     """Model specs: a hub id (``org/name`` or ``org/name@revision``), a local directory, or ``tiny/<name>``."""
 
@@ -147,6 +188,7 @@ class PipelineConfig(_Strict):
     align: AlignConfig = Field(default_factory=AlignConfig)
     attributes: AttributesConfig = Field(default_factory=AttributesConfig)
     verbalize: VerbalizeConfig = Field(default_factory=VerbalizeConfig)
+    edit: EditConfig = Field(default_factory=EditConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
 
     @field_validator("profile")
@@ -170,6 +212,11 @@ FULL_PROFILE: dict[str, Any] = {
     "detect": {"backend": "insightface", "min_score": 0.97, "min_face_size": 64, "min_eye_distance": 5.0},
     # `vllm serve Qwen/Qwen3-8B` on the default port; Qwen3's non-thinking mode recommends temperature 0.7.
     "verbalize": {"backend": "vllm", "vllm": {"model": "Qwen/Qwen3-8B", "concurrency": 32}},
+    # No SD3.5 FlowEdit values are published: start from the official SD3-medium ones (T=50, n_max=33, CFG 3.5 /
+    # 13.5, n_min=0, n_avg=1) for Large and Medium alike, at the dataset's 512 px. beta=0.1 is an untuned default
+    # that keeps a little more of the source's structure than plain FlowEdit (beta=0).
+    "edit": {"resolution": 512, "steps": 50, "n_max": 33, "src_guidance": 3.5, "tar_guidance": 13.5, "beta": 0.1,
+             "max_sequence_length": 256, "batch_size": 4},
     "models": {
         "sd3": "stabilityai/stable-diffusion-3.5-large",
         "flux": "black-forest-labs/FLUX.1-dev",

@@ -10,11 +10,12 @@ Jobs:
 import dagster as dg
 
 from attrface_pipeline.assets.attributes import edit_prompts, face_attributes
+from attrface_pipeline.assets.edits import edits
 from attrface_pipeline.assets.ingest import faces, raw_images
 from attrface_pipeline.assets.partitions import SOURCE_PARTITIONS
 from attrface_pipeline.assets.resources import AttrFaceConfig
 
-DATASET_ASSETS = [raw_images, faces, face_attributes, edit_prompts]
+DATASET_ASSETS = [raw_images, faces, face_attributes, edit_prompts, edits]
 
 
 def _all_chunks_tags() -> dict[str, str]:
