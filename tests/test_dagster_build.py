@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from attrface_pipeline.config import PROJECT_ROOT
+from attrface_pipeline.images import read_rgb
 
 pytestmark = pytest.mark.slow
 EXPECTED_FACES = 23  # per-photo counts checked by eye; see tests/stages/test_align_detect.py
@@ -43,11 +44,12 @@ def test_build_dataset_materializes_every_chunk(build):
     os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
     try:
         instance = dg.DagsterInstance.get()
-        for asset in ("raw_images", "faces", "face_attributes", "edit_prompts"):
+        for asset in ("raw_images", "faces", "face_attributes", "edit_prompts", "edits"):
             assert instance.get_materialized_partitions(dg.AssetKey(asset)) == {"chunk-00000", "chunk-00001"}
         meta = instance.get_latest_materialization_event(dg.AssetKey("faces")).asset_materialization.metadata
         attr_meta = instance.get_latest_materialization_event(dg.AssetKey("face_attributes")).asset_materialization.metadata
         prompt_meta = instance.get_latest_materialization_event(dg.AssetKey("edit_prompts")).asset_materialization.metadata
+        edit_meta = instance.get_latest_materialization_event(dg.AssetKey("edits")).asset_materialization.metadata
     finally:
         del os.environ["DAGSTER_HOME"]
     assert meta["faces_ok"].value == EXPECTED_FACES
@@ -77,6 +79,19 @@ def test_build_dataset_materializes_every_chunk(build):
     assert sorted(r["face_key"] for r in prompts) == sorted(r["face_key"] for r in ok_rows)
     assert all(r["backend"] == "template" and r["source_prompt"].startswith("A close-up") for r in prompts)
     assert prompt_meta["targets"].value == sum(len(r["targets"]) for r in prompts) > 0
+
+    # one FlowEdit image per face x target, at the offline edit resolution, with its parameters recorded
+    edit_rows = [r for f in sorted((tmp / "out" / "edits").glob("chunk-*/manifest.parquet"))
+                 for r in pq.read_table(f).to_pylist()]
+    assert len(edit_rows) == prompt_meta["targets"].value == edit_meta["pairs"].value
+    assert len({r["pair_key"] for r in edit_rows}) == len(edit_rows)
+    for r in edit_rows[:10]:
+        part = tmp / "out" / "edits" / next(p for p in ("chunk-00000", "chunk-00001")
+                                              if (tmp / "out" / "edits" / p / r["edit_path"]).exists())
+        assert read_rgb(part / r["edit_path"]).shape == (r["resolution"], r["resolution"], 3)
+        assert json.loads(r["params"])["n_max"] == 7 and "." not in r["pair_key"]
+    assert edit_meta["seconds_per_pair"].value > 0 and edit_meta["peak_memory_mb"].value > 0
+    assert edit_meta["preview"].value.startswith("![source | edit](data:image/png;base64,")
 
 
 def test_rerun_is_idempotent_and_resumes_a_partial_partition(build):

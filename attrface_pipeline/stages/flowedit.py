@@ -170,7 +170,7 @@ class FlowEditor:
         """Load the SD3/SD3.5 pipeline once; memory options as in diffusers (offload needs CUDA)."""
         from diffusers import StableDiffusion3Pipeline
 
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
         device = torch.device(device)
         if cpu_offload:
             pipe.enable_model_cpu_offload(device=device)
