@@ -2,7 +2,7 @@
 VENV ?= .venv
 export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 
-.PHONY: setup setup-vllm demo test test-fast ui bench bench-verbalize clean
+.PHONY: setup setup-vllm demo test test-fast ui bench bench-verbalize bench-flowedit clean
 
 setup:
 	bash scripts/setup.sh
@@ -27,6 +27,9 @@ bench:
 
 bench-verbalize:
 	$(VENV)/bin/python benchmarks/verbalize_throughput.py
+
+bench-flowedit:
+	$(VENV)/bin/python benchmarks/flowedit_speed.py
 
 clean:
 	rm -rf data/build dagster_home/storage dagster_home/history dagster_home/schedules dagster_home/logs
