@@ -167,6 +167,21 @@ class EditConfig(_Strict):
         return self
 
 
+class QCConfig(_Strict):
+    """Automatic quality control of each edit pair. Every score is kept; these decide pass/fail."""
+
+    identity_backend: Literal["dlib", "arcface"] = Field("dlib", description="arcface needs models.insightface_pack")
+    arcface_min_similarity: float = Field(0.4, ge=-1, le=1, description="ArcFace cosine(source, edit) at least")
+    dlib_max_distance: float = Field(0.6, ge=0, description="dlib descriptor distance at most (its same-person rule)")
+    attribute_tolerance: float = Field(0.3, ge=0, le=1, description="other controllable attributes may move this much")
+    min_ssim: float = Field(0.5, ge=-1, le=1, description="SSIM of the luma, source vs edit, at least")
+    max_landmark_displacement: float = Field(16.0, ge=0, description="mean 5-point shift in px at 512, at most")
+    min_pass_rate: float = Field(
+        0.0, ge=0, le=1, description="blocking floor on the overall pass rate (the run stops before publishing)"
+    )
+    batch_size: int = Field(16, ge=1)
+
+
 class ModelsConfig(_Strict):
     """Model specs: a hub id (``org/name`` or ``org/name@revision``), a local directory, or ``tiny/<name>``."""
 
@@ -189,6 +204,7 @@ class PipelineConfig(_Strict):
     attributes: AttributesConfig = Field(default_factory=AttributesConfig)
     verbalize: VerbalizeConfig = Field(default_factory=VerbalizeConfig)
     edit: EditConfig = Field(default_factory=EditConfig)
+    qc: QCConfig = Field(default_factory=QCConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
 
     @field_validator("profile")
@@ -215,6 +231,8 @@ FULL_PROFILE: dict[str, Any] = {
     # No SD3.5 FlowEdit values are published: start from the official SD3-medium ones (T=50, n_max=33, CFG 3.5 /
     # 13.5, n_min=0, n_avg=1) for Large and Medium alike, at the dataset's 512 px. beta=0.1 is an untuned default
     # that keeps a little more of the source's structure than plain FlowEdit (beta=0).
+    # The paper's published set averages ArcFace similarity 0.6387 after QC; 0.4 admits strong edits.
+    "qc": {"identity_backend": "arcface", "arcface_min_similarity": 0.4, "min_pass_rate": 0.2},
     "edit": {"resolution": 512, "steps": 50, "n_max": 33, "src_guidance": 3.5, "tar_guidance": 13.5, "beta": 0.1,
              "max_sequence_length": 256, "batch_size": 4},
     "models": {

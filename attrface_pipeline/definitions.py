@@ -12,10 +12,11 @@ import dagster as dg
 from attrface_pipeline.assets.attributes import edit_prompts, face_attributes
 from attrface_pipeline.assets.edits import edits
 from attrface_pipeline.assets.ingest import faces, raw_images
+from attrface_pipeline.assets.qc import qc
 from attrface_pipeline.assets.partitions import SOURCE_PARTITIONS
 from attrface_pipeline.assets.resources import AttrFaceConfig
 
-DATASET_ASSETS = [raw_images, faces, face_attributes, edit_prompts, edits]
+DATASET_ASSETS = [raw_images, faces, face_attributes, edit_prompts, edits, qc]
 
 
 def _all_chunks_tags() -> dict[str, str]:

@@ -36,3 +36,24 @@ def stacked_bar_png(rows: Sequence[dict], label: str, parts: Sequence[str], titl
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def histograms_png(series: dict[str, Sequence[float]], thresholds: dict[str, float | None], title: str) -> bytes:
+    """One small histogram per score, with its pass threshold drawn as a dashed line."""
+    names = list(series)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 2.6), dpi=100, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        values = [float(v) for v in series[name]]
+        if values:
+            ax.hist(values, bins=20, color="#457b9d")
+        threshold = thresholds.get(name)
+        if threshold is not None:
+            ax.axvline(threshold, color="#e63946", linestyle="--", linewidth=1)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

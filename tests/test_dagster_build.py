@@ -44,12 +44,16 @@ def test_build_dataset_materializes_every_chunk(build):
     os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
     try:
         instance = dg.DagsterInstance.get()
-        for asset in ("raw_images", "faces", "face_attributes", "edit_prompts", "edits"):
+        for asset in ("raw_images", "faces", "face_attributes", "edit_prompts", "edits", "qc"):
             assert instance.get_materialized_partitions(dg.AssetKey(asset)) == {"chunk-00000", "chunk-00001"}
         meta = instance.get_latest_materialization_event(dg.AssetKey("faces")).asset_materialization.metadata
         attr_meta = instance.get_latest_materialization_event(dg.AssetKey("face_attributes")).asset_materialization.metadata
         prompt_meta = instance.get_latest_materialization_event(dg.AssetKey("edit_prompts")).asset_materialization.metadata
         edit_meta = instance.get_latest_materialization_event(dg.AssetKey("edits")).asset_materialization.metadata
+        qc_meta = instance.get_latest_materialization_event(dg.AssetKey("qc")).asset_materialization.metadata
+        checks = {name: instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(dg.AssetKey("qc"), name)]) for name in
+            ("attribute_pass_rate", "identity_pass_rate", "similarity_pass_rate", "overall_pass_rate")}
     finally:
         del os.environ["DAGSTER_HOME"]
     assert meta["faces_ok"].value == EXPECTED_FACES
@@ -93,6 +97,14 @@ def test_build_dataset_materializes_every_chunk(build):
     assert edit_meta["seconds_per_pair"].value > 0 and edit_meta["peak_memory_mb"].value > 0
     assert edit_meta["preview"].value.startswith("![source | edit](data:image/png;base64,")
 
+    # every pair scored; the checks ran and are recorded (offline floor 0: the run is green whatever the rates)
+    qc_rows = [r for f in sorted((tmp / "out" / "qc").glob("chunk-*/manifest.parquet"))
+               for r in pq.read_table(f).to_pylist()]
+    assert sorted(r["pair_key"] for r in qc_rows) == sorted(r["pair_key"] for r in edit_rows)
+    assert qc_meta["pairs"].value == len(qc_rows) and 0 <= qc_meta["overall_pass_rate"].value <= 1
+    assert qc_meta["score_histograms"].value.startswith("![QC score histograms](data:image/png;base64,")
+    assert all(len(c) == 1 for c in checks.values()), checks
+
 
 def test_rerun_is_idempotent_and_resumes_a_partial_partition(build):
     tmp, env, _ = build
@@ -107,3 +119,28 @@ def test_rerun_is_idempotent_and_resumes_a_partial_partition(build):
     assert stats["images_resumed"] == stats["images"] - 1  # only the missing image was processed again
     assert (part / "manifest.parquet").read_bytes() == manifest_before
     assert "raw_images chunk-00000: complete, reusing" in log
+
+
+def test_blocking_qc_check_stops_downstream(build):
+    """With a pass-rate floor the random offline edits cannot reach, the blocking check fails the qc step and
+    nothing downstream of it runs."""
+    import dagster as dg
+
+    from attrface_pipeline.assets.qc import qc
+    from attrface_pipeline.assets.resources import AttrFaceConfig
+
+    tmp, _, _ = build
+    ran = []
+
+    @dg.asset(deps=[qc], partitions_def=qc.partitions_def, backfill_policy=dg.BackfillPolicy.multi_run(1))
+    def publish_probe() -> None:
+        ran.append(True)
+
+    settings = {"paths": {"data_root": str(tmp / "out"), "cache_dir": str(tmp / "cache")},
+                "qc": {"min_pass_rate": 0.99}}
+    result = dg.materialize([qc, publish_probe], partition_key="chunk-00000", raise_on_error=False,
+                            resources={"attrface": AttrFaceConfig(settings=settings)},
+                            instance=dg.DagsterInstance.ephemeral())
+    assert not result.success and not ran
+    overall = next(c for c in result.get_asset_check_evaluations() if c.check_name == "overall_pass_rate")
+    assert not overall.passed and overall.metadata["floor"].value == 0.99

@@ -38,7 +38,9 @@ class AttributeClassifier:
         self.device = torch.device(device)
         self.dtype = dtype
         self.batch_size = batch_size
-        self.model = model.to(self.device, dtype).eval()
+        # cast only when needed: diffusers warns on every dtype cast of a ModelMixin
+        model = model.to(self.device) if model.dtype == dtype else model.to(self.device, dtype)
+        self.model = model.eval()
         if model.config.num_classes != len(CELEBA_ATTRIBUTES):
             raise ValueError(f"attribute model has {model.config.num_classes} outputs, expected 40 CelebA attributes")
         self.input_size = model.config.image_size

@@ -6,12 +6,14 @@ made at ``edit.resolution``), so every measure brings both to one size first.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import cv2
 import numpy as np
+import pyarrow as pa
 
 from attrface_pipeline.attributes import CELEBA_ATTRIBUTES
 from attrface_pipeline.stages.align import align_face, template_points
@@ -170,3 +172,87 @@ def attribute_check(p_source: Sequence[float], p_edit: Sequence[float], attribut
         "max_drift": drifts.get(worst, 0.0), "max_drift_attribute": worst,
         "others_kept": all(d <= tolerance for d in drifts.values()),
     }
+
+
+# --- one pass over a partition's pairs ----------------------------------------------------------------------------------
+QC_SCHEMA = pa.schema(
+    [
+        ("pair_key", pa.string()),
+        ("face_key", pa.string()),
+        ("attribute", pa.string()),
+        ("direction", pa.string()),
+        ("p_before", pa.float32()),  # the flipped attribute's probability on the source (at the edit's resolution)
+        ("p_after", pa.float32()),
+        ("max_drift", pa.float32()),  # largest change among the other controllable attributes
+        ("max_drift_attribute", pa.string()),
+        ("identity_backend", pa.string()),
+        ("identity_similarity", pa.float32()),  # cosine of the embeddings
+        ("identity_distance", pa.float32()),  # Euclidean (dlib's native measure)
+        ("ssim", pa.float32()),
+        ("landmark_displacement", pa.float32()),  # px at 512
+        ("pass_attribute", pa.bool_()),
+        ("pass_identity", pa.bool_()),
+        ("pass_similarity", pa.bool_()),
+        ("passed", pa.bool_()),
+        ("reasons", pa.string()),  # comma-separated failed checks ("" when passed)
+        ("probabilities_before", pa.list_(pa.float32(), len(CELEBA_ATTRIBUTES))),
+        ("probabilities_after", pa.list_(pa.float32(), len(CELEBA_ATTRIBUTES))),
+    ]
+)
+CHECKS = ("attribute", "identity", "similarity")
+
+
+@dataclass(frozen=True)
+class QCThresholds:
+    controllable: tuple[str, ...]
+    positive_threshold: float = 0.6
+    negative_threshold: float = 0.4
+    attribute_tolerance: float = 0.3
+    min_identity_similarity: float | None = 0.4  # used by cosine backends (arcface)
+    max_identity_distance: float | None = None  # used by distance backends (dlib)
+    min_ssim: float = 0.5
+    max_landmark_displacement: float = 16.0
+
+
+def score_pairs(pairs: Sequence[dict], read_source: Callable[[dict], np.ndarray],
+                read_edit: Callable[[dict], np.ndarray], classifier, identity: IdentityScorer,
+                locator: LandmarkLocator, th: QCThresholds, batch_size: int = 16) -> list[dict]:
+    """QC rows (:data:`QC_SCHEMA`) for edit manifest rows; sources are compared at the edit's resolution."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start:start + batch_size]
+        edits = [read_edit(p) for p in batch]
+        sources = [same_size(read_source(p), e)[0] for p, e in zip(batch, edits)]
+        probs_before = classifier.predict(sources)
+        probs_after = classifier.predict(edits)
+        ids = identity_scores(identity, sources, edits)
+        for p, src, edit, pb, pa_, ident in zip(batch, sources, edits, probs_before, probs_after, ids):
+            attr = attribute_check(pb, pa_, p["attribute"], p["direction"], th.controllable, th.positive_threshold,
+                                   th.negative_threshold, th.attribute_tolerance)
+            s = structure_ssim(src, edit)
+            disp = landmark_displacement(locator, src, edit)
+            ok = {
+                "attribute": attr["flipped"] and attr["others_kept"],
+                "identity": (ident["similarity"] >= th.min_identity_similarity if th.max_identity_distance is None
+                             else ident["distance"] <= th.max_identity_distance),
+                "similarity": s >= th.min_ssim and disp <= th.max_landmark_displacement,
+            }
+            out.append({
+                "pair_key": p["pair_key"], "face_key": p["face_key"], "attribute": p["attribute"],
+                "direction": p["direction"], "p_before": attr["p_before"], "p_after": attr["p_after"],
+                "max_drift": attr["max_drift"], "max_drift_attribute": attr["max_drift_attribute"],
+                "identity_backend": identity.name, "identity_similarity": ident["similarity"],
+                "identity_distance": ident["distance"], "ssim": s, "landmark_displacement": disp,
+                "pass_attribute": ok["attribute"], "pass_identity": ok["identity"], "pass_similarity": ok["similarity"],
+                "passed": all(ok.values()), "reasons": ",".join(c for c in CHECKS if not ok[c]),
+                "probabilities_before": [float(v) for v in pb], "probabilities_after": [float(v) for v in pa_],
+            })
+    return out
+
+
+def pass_rates(rows: Sequence[dict]) -> dict[str, float]:
+    """Share of pairs passing each check and all of them (0.0 for no pairs)."""
+    n = len(rows)
+    rates = {c: (sum(r[f"pass_{c}"] for r in rows) / n if n else 0.0) for c in CHECKS}
+    rates["overall"] = sum(r["passed"] for r in rows) / n if n else 0.0
+    return rates

@@ -72,3 +72,32 @@ def test_attribute_check_directions_and_tolerance():
     r = attribute_check(before, after, "Smiling", "add", ["Smiling", "Young"], 0.6, 0.4, 0.2)
     assert r["flipped"] and not r["others_kept"] and r["max_drift_attribute"] == "Young"
     assert not attribute_check(before, after, "Smiling", "remove", ["Smiling"], 0.6, 0.4, 0.2)["flipped"]
+
+
+def test_score_pairs_and_pass_rates(crops, tiny_zoo):
+    """An unchanged face keeps identity and structure; another person's face fails both. (The attribute model is
+    the tiny random one, so only the attribute check's bookkeeping is asserted.)"""
+    import torch
+
+    from attrface_pipeline.attributes import DEFAULT_CONTROLLABLE
+    from attrface_pipeline.models.farl import load_attribute_model
+    from attrface_pipeline.stages.attributes import AttributeClassifier
+    from attrface_pipeline.stages.checks import QCThresholds, pass_rates, score_pairs
+
+    rose, rose2, obama = crops["rose_leslie2.jpg"], crops["kit_with_rose.jpg"], crops["obama.jpg"]
+    images = {"same": rose, "rose2": rose2, "obama": obama}
+    pairs = [{"pair_key": f"k_{n}", "face_key": "k", "attribute": "Smiling", "direction": "add", "edit": n}
+             for n in images]
+    clf = AttributeClassifier(load_attribute_model(tiny_zoo / "farl"), "cpu", torch.float32)
+    th = QCThresholds(controllable=DEFAULT_CONTROLLABLE, max_identity_distance=0.6, min_identity_similarity=None)
+    rows = score_pairs(pairs, lambda p: rose, lambda p: cv2.resize(images[p["edit"]], (256, 256)), clf,
+                       DlibScorer(), LandmarkLocator(), th, batch_size=2)
+    by = {r["pair_key"]: r for r in rows}
+    assert by["k_same"]["pass_identity"] and by["k_same"]["pass_similarity"] and by["k_same"]["ssim"] > 0.95
+    assert by["k_rose2"]["pass_identity"]  # the same woman in another photo
+    assert not by["k_obama"]["pass_identity"] and "identity" in by["k_obama"]["reasons"]
+    assert by["k_same"]["max_drift"] < 0.05  # same pixels, same probabilities (up to the resize)
+    assert all(r["passed"] == (r["reasons"] == "") for r in rows)
+    rates = pass_rates(rows)
+    assert rates["identity"] == pytest.approx(2 / 3) and 0 <= rates["overall"] <= rates["identity"]
+    assert pass_rates([])["overall"] == 0.0

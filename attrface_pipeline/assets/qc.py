@@ -1,0 +1,147 @@
+"""Dagster asset for automatic QC of edit pairs, with pass-rate asset checks (the overall one blocking)."""
+
+import time
+
+import dagster as dg
+
+from attrface_pipeline.assets.common import png_markdown, table_markdown
+from attrface_pipeline.assets.edits import edits
+from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
+from attrface_pipeline.assets.resources import AttrFaceConfig
+from attrface_pipeline.config import PipelineConfig
+from attrface_pipeline.images import encode_image, preview_grid, read_rgb
+from attrface_pipeline.models.device import resolve_device, resolve_dtype
+from attrface_pipeline.models.farl import load_attribute_model
+from attrface_pipeline.models.store import ModelStore
+from attrface_pipeline.plots import histograms_png
+from attrface_pipeline.stages.attributes import AttributeClassifier
+from attrface_pipeline.stages.checks import (CHECKS, QC_SCHEMA, ArcFaceScorer, DlibScorer, LandmarkLocator,
+                                             QCThresholds, pass_rates, score_pairs)
+from attrface_pipeline.storage import PartitionStore
+
+RATE_CHECKS = [f"{c}_pass_rate" for c in CHECKS]
+OVERALL_CHECK = "overall_pass_rate"
+
+
+def qc_thresholds(cfg: PipelineConfig) -> QCThresholds:
+    q, a = cfg.qc, cfg.attributes
+    dlib = q.identity_backend == "dlib"
+    return QCThresholds(
+        controllable=tuple(a.controllable), positive_threshold=a.positive_threshold,
+        negative_threshold=a.negative_threshold, attribute_tolerance=q.attribute_tolerance,
+        min_identity_similarity=None if dlib else q.arcface_min_similarity,
+        max_identity_distance=q.dlib_max_distance if dlib else None, min_ssim=q.min_ssim,
+        max_landmark_displacement=q.max_landmark_displacement,
+    )
+
+
+def _scorers(cfg: PipelineConfig):
+    device = resolve_device(cfg.attributes.device)
+    store = ModelStore.from_config(cfg)
+    classifier = AttributeClassifier(load_attribute_model(store.resolve(cfg.models.farl)), device,
+                                     resolve_dtype(cfg.attributes.dtype, device), cfg.attributes.batch_size)
+    identity = (ArcFaceScorer(store.resolve(cfg.models.insightface_pack)) if cfg.qc.identity_backend == "arcface"
+                else DlibScorer())
+    return classifier, identity, LandmarkLocator()
+
+
+@dg.asset(
+    partitions_def=SOURCE_PARTITIONS,
+    backfill_policy=PER_CHUNK,
+    deps=[edits],
+    pool="gpu",
+    description="Automatic QC per edit pair: attribute flipped (others kept), identity kept, structure kept. "
+    "Every score is stored; thresholds in config.",
+    group_name="dataset",
+    kinds={"python", "parquet"},
+    check_specs=[dg.AssetCheckSpec(name, asset="qc", description=f"share of pairs passing the {name.split('_')[0]} "
+                                   "check (reported, not blocking)") for name in RATE_CHECKS]
+    + [dg.AssetCheckSpec(OVERALL_CHECK, asset="qc", blocking=True,
+                         description="share of pairs passing every check; below qc.min_pass_rate the run stops "
+                         "before anything is published")],
+)
+def qc(context: dg.AssetExecutionContext, attrface: AttrFaceConfig):
+    cfg = attrface.pipeline_config()
+    root = cfg.paths.data_root
+    th = qc_thresholds(cfg)
+    scorers: list = []
+    rows, seconds = [], 0.0
+    for partition in context.partition_keys:
+        edit_store = PartitionStore(root, "edits", partition)
+        store = PartitionStore(root, "qc", partition)
+        upstream = ((edit_store.read_stats() or {}).get("fingerprint", ""))[:8]
+        fingerprint = cfg.fingerprint("qc", "attributes") + cfg.models.farl + upstream
+        if not store.is_complete(fingerprint):
+            store.invalidate()
+            if not scorers:
+                scorers.extend(_scorers(cfg))
+            t0 = time.perf_counter()
+            part_rows = score_pairs(
+                edit_store.read_manifest().to_pylist(), lambda p: read_rgb(root / p["source_path"]),
+                lambda p: read_rgb(edit_store.path(p["edit_path"])), *scorers, th, cfg.qc.batch_size,
+            )
+            store.write_manifest(part_rows, QC_SCHEMA)
+            elapsed = time.perf_counter() - t0
+            store.complete({"partition": partition, "pairs": len(part_rows), "rates": pass_rates(part_rows),
+                            "seconds": round(elapsed, 3)}, fingerprint)
+            seconds += elapsed
+        rows += store.read_manifest().to_pylist()
+    rates = pass_rates(rows)
+    context.log.info(f"qc: {len(rows)} pairs, pass rates {rates}")
+    yield dg.MaterializeResult(metadata=qc_metadata(rows, rates, cfg, th, seconds))
+    for check in CHECKS:
+        yield dg.AssetCheckResult(
+            check_name=f"{check}_pass_rate", passed=True, severity=dg.AssetCheckSeverity.WARN,
+            metadata={"pass_rate": round(rates[check], 4), "pairs": len(rows)},
+        )
+    yield dg.AssetCheckResult(
+        check_name=OVERALL_CHECK, passed=rates["overall"] >= cfg.qc.min_pass_rate,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"pass_rate": round(rates["overall"], 4), "floor": cfg.qc.min_pass_rate, "pairs": len(rows)},
+        description=None if rates["overall"] >= cfg.qc.min_pass_rate else
+        f"overall pass rate {rates['overall']:.3f} is below qc.min_pass_rate {cfg.qc.min_pass_rate}",
+    )
+
+
+def qc_metadata(rows: list[dict], rates: dict, cfg: PipelineConfig, th: QCThresholds, seconds: float) -> dict:
+    identity_key = "identity_distance" if th.max_identity_distance is not None else "identity_similarity"
+    chart = histograms_png(
+        {identity_key: [r[identity_key] for r in rows], "ssim": [r["ssim"] for r in rows],
+         "landmark_displacement": [r["landmark_displacement"] for r in rows],
+         "max_drift": [r["max_drift"] for r in rows]},
+        {identity_key: th.max_identity_distance if th.max_identity_distance is not None else th.min_identity_similarity,
+         "ssim": th.min_ssim, "landmark_displacement": th.max_landmark_displacement,
+         "max_drift": th.attribute_tolerance},
+        f"QC scores over {len(rows)} pairs",
+    )
+    worst = {  # the worst failure per check, by its own score
+        "identity": sorted(rows, key=lambda r: -r["identity_distance"] if th.max_identity_distance is not None
+                           else r["identity_similarity"]),
+        "similarity": sorted(rows, key=lambda r: r["ssim"]),
+        "attribute": sorted(rows, key=lambda r: abs(r["p_after"] - r["p_before"])),
+    }
+    examples = [
+        {"check": check, "pair_key": r["pair_key"], identity_key: round(r[identity_key], 3),
+         "ssim": round(r["ssim"], 3), "displacement": round(r["landmark_displacement"], 1),
+         "p_before": round(r["p_before"], 3), "p_after": round(r["p_after"], 3)}
+        for check, ranked in worst.items() for r in [x for x in ranked if not x[f"pass_{check}"]][:3]
+    ]
+    tiles = []
+    for ex in examples[:6]:
+        row = next(r for r in rows if r["pair_key"] == ex["pair_key"])
+        part = next(p for p in (cfg.paths.data_root / "edits").glob("*/images") if (p / f"{row['pair_key']}.png").exists())
+        tiles.append(read_rgb(part / f"{row['pair_key']}.png"))
+    metadata = {
+        "pairs": len(rows),
+        "passed": sum(r["passed"] for r in rows),
+        **{f"{c}_pass_rate": round(rates[c], 4) for c in (*CHECKS, "overall")},
+        "identity_backend": cfg.qc.identity_backend,
+        "mean_identity_similarity": round(sum(r["identity_similarity"] for r in rows) / len(rows), 4) if rows else 0.0,
+        "score_histograms": png_markdown(chart, "QC score histograms"),
+        "worst_failures": table_markdown(examples, list(examples[0]) if examples else ["check"], 12),
+        "seconds": round(seconds, 3),
+    }
+    if tiles:
+        metadata["worst_failures_preview"] = png_markdown(encode_image(preview_grid(tiles, tile=96, columns=6), "png"),
+                                                          "worst failures (edits)")
+    return metadata
