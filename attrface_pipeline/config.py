@@ -182,6 +182,20 @@ class QCConfig(_Strict):
     batch_size: int = Field(16, ge=1)
 
 
+class PublishConfig(_Strict):
+    """WebDataset shards and the dataset card."""
+
+    shard_size: int = Field(1000, ge=1, description="samples per shard")
+    image_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    test_fraction: float = Field(0.1, ge=0, le=1, description="share of source photos in the test split")
+    split_salt: str = Field("attrface-v1", description="changing it reshuffles the (stable) split")
+    review: Literal["required", "optional", "off"] = Field(
+        "optional", description="required: only accepted pairs; optional: all but rejected; off: ignore reviews"
+    )
+    review_db: Path | None = Field(None, description="SQLite file of review decisions (default <data_root>/review.sqlite)")
+
+
 class ModelsConfig(_Strict):
     """Model specs: a hub id (``org/name`` or ``org/name@revision``), a local directory, or ``tiny/<name>``."""
 
@@ -205,6 +219,7 @@ class PipelineConfig(_Strict):
     verbalize: VerbalizeConfig = Field(default_factory=VerbalizeConfig)
     edit: EditConfig = Field(default_factory=EditConfig)
     qc: QCConfig = Field(default_factory=QCConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
 
     @field_validator("profile")
@@ -213,6 +228,10 @@ class PipelineConfig(_Strict):
         if v not in PROFILES:
             raise ValueError(f"unknown profile {v!r}; choose one of {PROFILES}")
         return v
+
+    @property
+    def review_db(self) -> Path:
+        return self.publish.review_db or self.paths.data_root / "review.sqlite"
 
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the named sections (all if none): a stage re-runs when its inputs' config changes."""

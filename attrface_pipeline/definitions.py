@@ -3,8 +3,9 @@
 Jobs:
 - ``build_dataset``: every chunk in one run (``dagster job execute -m attrface_pipeline.definitions -j
   build_dataset``); it carries the full partition range as its default tags.
-- ``build_dataset_chunk``: the same assets for one chosen partition (UI launchpad, backfills, or
-  ``--tags '{"dagster/partition": "chunk-00001"}'``).
+- ``build_dataset_chunk``: the per-chunk assets for one chosen partition (UI launchpad, backfills, or
+  ``--tags '{"dagster/partition": "chunk-00001"}'``); it does not publish.
+- ``publish_dataset``: shards + dataset card from every complete chunk (after chunk backfills).
 """
 
 import dagster as dg
@@ -12,11 +13,14 @@ import dagster as dg
 from attrface_pipeline.assets.attributes import edit_prompts, face_attributes
 from attrface_pipeline.assets.edits import edits
 from attrface_pipeline.assets.ingest import faces, raw_images
-from attrface_pipeline.assets.qc import qc
 from attrface_pipeline.assets.partitions import SOURCE_PARTITIONS
+from attrface_pipeline.assets.publish import attrface_shards, dataset_card
+from attrface_pipeline.assets.qc import qc
 from attrface_pipeline.assets.resources import AttrFaceConfig
 
-DATASET_ASSETS = [raw_images, faces, face_attributes, edit_prompts, edits, qc]
+CHUNK_ASSETS = [raw_images, faces, face_attributes, edit_prompts, edits, qc]
+PUBLISH_ASSETS = [attrface_shards, dataset_card]
+DATASET_ASSETS = CHUNK_ASSETS + PUBLISH_ASSETS
 
 
 def _all_chunks_tags() -> dict[str, str]:
@@ -34,13 +38,18 @@ build_dataset = dg.define_asset_job(
 )
 build_dataset_chunk = dg.define_asset_job(
     "build_dataset_chunk",
-    selection=DATASET_ASSETS,
+    selection=CHUNK_ASSETS,
     partitions_def=SOURCE_PARTITIONS,
     description="Build the dataset for one chunk (pick the partition in the launchpad or a backfill).",
+)
+publish_dataset = dg.define_asset_job(
+    "publish_dataset",
+    selection=PUBLISH_ASSETS,
+    description="Publish WebDataset shards and the dataset card from every complete chunk.",
 )
 
 defs = dg.Definitions(
     assets=DATASET_ASSETS,
-    jobs=[build_dataset, build_dataset_chunk],
+    jobs=[build_dataset, build_dataset_chunk, publish_dataset],
     resources={"attrface": AttrFaceConfig()},
 )

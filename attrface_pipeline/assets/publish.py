@@ -1,0 +1,114 @@
+"""Dagster assets that publish the dataset: WebDataset shards per split, then the dataset card."""
+
+import json
+import time
+from collections import Counter
+
+import dagster as dg
+
+from attrface_pipeline.assets.common import counts_json, png_markdown
+from attrface_pipeline.assets.qc import qc
+from attrface_pipeline.assets.resources import AttrFaceConfig
+from attrface_pipeline.config import PipelineConfig
+from attrface_pipeline.plots import stacked_bar_png
+from attrface_pipeline.stages.card import render_card
+from attrface_pipeline.stages.checks import pass_rates
+from attrface_pipeline.stages.review import ReviewStore, review_filter
+from attrface_pipeline.stages.shards import SPLITS, assemble_samples, read_back, write_split
+from attrface_pipeline.storage import PartitionStore, atomic_write_bytes, atomic_write_json
+
+PUBLISH_DIR = "attrface_shards"
+
+
+def _manifests(cfg: PipelineConfig, asset: str) -> list[tuple[str, dict]]:
+    """(partition, row) for every complete partition of an asset, in partition order."""
+    out = []
+    for part in sorted((cfg.paths.data_root / asset).glob("chunk-*")):
+        store = PartitionStore(cfg.paths.data_root, asset, part.name)
+        if store.read_stats() is not None:
+            out += [(part.name, r) for r in store.read_manifest().to_pylist()]
+    return out
+
+
+@dg.asset(
+    deps=[qc],
+    description="WebDataset shards attrface-{train,test}-NNNNNN.tar of the pairs that passed QC (and review), "
+    "with a parquet index per shard, sizes.json per split and _stats.json written last.",
+    group_name="publish",
+    kinds={"webdataset"},
+)
+def attrface_shards(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
+    cfg = attrface.pipeline_config()
+    pub, root = cfg.publish, cfg.paths.data_root
+    out = root / PUBLISH_DIR
+    (out / "_stats.json").unlink(missing_ok=True)  # not complete until rewritten at the end
+    qc_rows = [r for _, r in _manifests(cfg, "qc")]
+    edit_rows = _manifests(cfg, "edits")
+    part_of = {r["pair_key"]: p for p, r in edit_rows}
+    decisions = ReviewStore(cfg.review_db).decisions() if pub.review != "off" else {}
+    samples = assemble_samples(
+        qc_rows, [r for _, r in edit_rows], [r for _, r in _manifests(cfg, "face_attributes")],
+        [r for _, r in _manifests(cfg, "edit_prompts")], lambda e: root / "edits" / part_of[e["pair_key"]], root,
+        review_filter(pub.review, decisions), pub.test_fraction, pub.split_salt, cfg.source.dataset_name,
+        {"profile": cfg.profile, "detector": cfg.detect.backend, "models": cfg.models.model_dump(mode="json")},
+        decisions,
+    )
+    t0 = time.perf_counter()
+    splits = {split: write_split([s for s in samples if s.split == split], out / split, split, pub.shard_size,
+                                 pub.image_format, pub.jpeg_quality, log=context.log.info) for split in SPLITS}
+    seconds = time.perf_counter() - t0
+    passed = sum(r["passed"] for r in qc_rows)
+    stats = {"splits": splits, "qc_pairs": len(qc_rows), "qc_passed": passed,
+             "excluded_by_review": passed - len(samples), "review": pub.review,
+             "bytes": sum(s["bytes"] for s in splits.values())}
+    atomic_write_json(out / "_stats.json", {**stats, "fingerprint": cfg.fingerprint("publish")})
+    return dg.MaterializeResult(metadata={
+        "samples": len(samples),
+        **{f"{k}_samples": v["samples"] for k, v in splits.items()},
+        "shards": sum(len(v["shards"]) for v in splits.values()),
+        "qc_pairs": len(qc_rows), "qc_passed": passed, "excluded_by_review": stats["excluded_by_review"],
+        "review_mode": pub.review,
+        "flips": counts_json(dict(Counter(s.meta["edit"]["attribute"] for s in samples))),
+        "megabytes": round(stats["bytes"] / 2**20, 3),
+        "mb_per_s": round(stats["bytes"] / 2**20 / seconds, 2) if seconds and stats["bytes"] else 0.0,
+        "path": dg.MetadataValue.path(str(out)),
+    })
+
+
+@dg.asset(
+    deps=[attrface_shards],
+    description="README.md with Hugging Face dataset-card front matter: counts, attribute distribution, QC pass "
+    "rates, average identity similarity, licences, and the config that built it.",
+    group_name="publish",
+    kinds={"markdown"},
+)
+def dataset_card(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
+
+    cfg = attrface.pipeline_config()
+    out = cfg.paths.data_root / PUBLISH_DIR
+    stats = json.loads((out / "_stats.json").read_text())
+    metas = []
+    for split in SPLITS:
+        for shard in sorted((out / split).glob("*.tar")):
+            metas += [json.loads(s["json"]) for s in read_back(shard)]
+    qc_rows = [r for _, r in _manifests(cfg, "qc")]
+    rates = pass_rates(qc_rows)
+    table = []
+    for attribute in sorted({m["edit"]["attribute"] for m in metas}):
+        table.append({"attribute": attribute,
+                      "add": sum(m["edit"]["attribute"] == attribute and m["edit"]["direction"] == "add" for m in metas),
+                      "remove": sum(m["edit"]["attribute"] == attribute and m["edit"]["direction"] == "remove"
+                                    for m in metas)})
+    chart = None
+    if table:
+        png = stacked_bar_png(table, "attribute", ["add", "remove"], f"flips over {len(metas)} published pairs")
+        atomic_write_bytes(out / "attribute_distribution.png", png)
+        chart = "attribute_distribution.png"
+    text = render_card(cfg.source.dataset_name, stats["splits"], metas, rates, len(qc_rows),
+                       cfg.model_dump(mode="json"), cfg.profile, chart)
+    atomic_write_bytes(out / "README.md", text.encode())
+    metadata = {"samples": len(metas), "card": dg.MetadataValue.md(text.split("---", 2)[-1][:20000]),
+                "path": dg.MetadataValue.path(str(out / "README.md"))}
+    if chart:
+        metadata["attribute_distribution"] = png_markdown((out / chart).read_bytes(), "attribute distribution")
+    return dg.MaterializeResult(metadata=metadata)

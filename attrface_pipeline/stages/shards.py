@@ -1,0 +1,182 @@
+"""Publishing: WebDataset shards with one fixed member set per sample, a parquet index per shard, sizes.json.
+
+Deterministic: samples sorted by key, tar headers with a fixed mtime/owner, JSON with sorted keys -- identical
+inputs give byte-identical shards. Each shard is written to a temp name and renamed, so a crash never leaves a
+half-written shard visible; ``_stats.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+from attrface_pipeline.images import encode_image
+from attrface_pipeline.storage import atomic_write_json, atomic_write_parquet
+
+SPLITS = ("train", "test")
+SHARD_PATTERN = "attrface-{split}-{index:06d}.tar"
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("index_in_shard", pa.int32()),
+        ("attribute", pa.string()),
+        ("direction", pa.string()),
+        ("face_key", pa.string()),
+        ("image_key", pa.string()),
+        ("identity_similarity", pa.float32()),
+        ("bytes", pa.int64()),
+    ]
+)
+
+
+def split_of(group_key: str, test_fraction: float, salt: str = "attrface-v1") -> str:
+    """Stable hash split: every sample of a group (a source photo) lands in the same split, on every run."""
+    h = int(hashlib.sha256(f"{salt}:{group_key}".encode()).hexdigest()[:16], 16) / 2**64
+    return "test" if h < test_fraction else "train"
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str  # no dots: WebDataset splits member names at the first dot
+    split: str
+    source_path: Path
+    edit_path: Path
+    meta: dict  # the sample's .json member
+    source_prompt: str
+    target_prompt: str
+
+    def __post_init__(self):
+        if "." in self.key:
+            raise ValueError(f"sample key {self.key!r} contains a dot; WebDataset would split it")
+
+
+def _image_bytes(path: Path, size: tuple[int, int] | None, fmt: str, quality: int) -> tuple[bytes, tuple[int, int]]:
+    from attrface_pipeline.images import read_rgb
+
+    rgb = read_rgb(path)
+    if size is not None and rgb.shape[:2] != size:
+        rgb = cv2.resize(rgb, size[::-1], interpolation=cv2.INTER_AREA)
+    return encode_image(np.ascontiguousarray(rgb), fmt, quality), rgb.shape[:2]
+
+
+def sample_members(sample: Sample, image_format: str = "jpg", quality: int = 95) -> dict[str, bytes]:
+    """The five members: src/tar images (the source brought to the edit's size), json, src/tar captions."""
+    tar, size = _image_bytes(sample.edit_path, None, image_format, quality)
+    src, _ = _image_bytes(sample.source_path, size, image_format, quality)
+    ext = "jpg" if image_format == "jpg" else image_format
+    return {
+        f"src.{ext}": src,
+        f"tar.{ext}": tar,
+        "json": json.dumps(sample.meta, sort_keys=True, ensure_ascii=False).encode(),
+        "src.txt": sample.source_prompt.encode(),
+        "tar.txt": sample.target_prompt.encode(),
+    }
+
+
+def _write_tar(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> None:
+    """A tar of samples, byte-deterministic, written beside ``path`` and renamed into place."""
+    from webdataset import TarWriter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer = TarWriter(f, user="attrface", group="attrface", mode=0o644, mtime=0, encoder=False)
+            for key, members in samples:
+                writer.write({"__key__": key, **members})
+            writer.close()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_split(samples: Sequence[Sample], out_dir: Path, split: str, shard_size: int, image_format: str = "jpg",
+                quality: int = 95, log: Callable[[str], None] = print) -> dict:
+    """Write one split's shards (+ parquet index per shard); remove shards left over from an earlier publish."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ordered = sorted(samples, key=lambda s: s.key)
+    written, sizes, total_bytes = [], {}, 0
+    for index, start in enumerate(range(0, len(ordered), shard_size)):
+        chunk = ordered[start:start + shard_size]
+        name = SHARD_PATTERN.format(split=split, index=index)
+        members = [(s.key, sample_members(s, image_format, quality)) for s in chunk]
+        _write_tar(out_dir / name, members)
+        rows = [{"key": s.key, "shard": name, "index_in_shard": i, "attribute": s.meta["edit"]["attribute"],
+                 "direction": s.meta["edit"]["direction"], "face_key": s.meta["face_key"],
+                 "image_key": s.meta["image_key"], "identity_similarity": s.meta["qc"]["identity_similarity"],
+                 "bytes": sum(len(v) for v in m.values())} for i, (s, (_, m)) in enumerate(zip(chunk, members))]
+        atomic_write_parquet(out_dir / name.replace(".tar", ".parquet"), pa.Table.from_pylist(rows, INDEX_SCHEMA))
+        sizes[name] = len(chunk)
+        total_bytes += (out_dir / name).stat().st_size
+        written.append(name)
+        log(f"publish {split}: {name} ({len(chunk)} samples)")
+    for stale in out_dir.glob(f"attrface-{split}-*"):  # shards of a bigger earlier publish
+        if stale.name.replace(".parquet", ".tar") not in sizes:
+            stale.unlink()
+    atomic_write_json(out_dir / "sizes.json", sizes)
+    return {"split": split, "samples": len(ordered), "shards": written, "bytes": total_bytes}
+
+
+def read_back(shard: Path) -> list[dict[str, bytes]]:
+    """All samples of one shard as {member: bytes} (plus ``__key__``), with the tarfile module only."""
+    import tarfile
+
+    samples: dict[str, dict] = {}
+    with tarfile.open(shard) as tf:
+        for member in tf.getmembers():
+            key, _, suffix = member.name.partition(".")
+            samples.setdefault(key, {"__key__": key})[suffix] = tf.extractfile(member).read()
+    return list(samples.values())
+
+
+def assemble_samples(qc_rows: Sequence[dict], edit_rows: Sequence[dict], attribute_rows: Sequence[dict],
+                     prompt_rows: Sequence[dict], edit_dir: Callable[[dict], Path], data_root: Path,
+                     keep: Callable[[str], bool], test_fraction: float, salt: str, dataset_name: str,
+                     provenance: dict, decisions: dict[str, dict] | None = None) -> list[Sample]:
+    """Samples for the pairs that passed QC and the review rule, with everything the .json member carries."""
+    from attrface_pipeline.attributes import CELEBA_ATTRIBUTES
+
+    edits = {r["pair_key"]: r for r in edit_rows}
+    attrs = {r["face_key"]: r for r in attribute_rows}
+    prompts = {r["face_key"]: r for r in prompt_rows}
+    decisions = decisions or {}
+    out = []
+    for q in qc_rows:
+        if not q["passed"] or not keep(q["pair_key"]):
+            continue
+        e, a, p = edits[q["pair_key"]], attrs[q["face_key"]], prompts[q["face_key"]]
+        qc_scores = {k: q[k] for k in ("p_before", "p_after", "max_drift", "max_drift_attribute", "identity_backend",
+                                       "identity_similarity", "identity_distance", "ssim", "landmark_displacement",
+                                       "pass_attribute", "pass_identity", "pass_similarity")}
+        meta = {
+            "key": q["pair_key"], "source_dataset": dataset_name, "image_key": e["image_key"],
+            "face_key": e["face_key"],
+            "attributes": {"probabilities": dict(zip(CELEBA_ATTRIBUTES, (round(v, 5) for v in a["probabilities"]))),
+                           "states": json.loads(a["states"])},
+            "edit": {"attribute": e["attribute"], "direction": e["direction"], "seed": e["seed"],
+                     "resolution": e["resolution"], "flowedit": json.loads(e["params"])},
+            "source_prompt": e["source_prompt"], "target_prompt": e["target_prompt"],
+            "qc": {k: (round(v, 5) if isinstance(v, float) else v) for k, v in qc_scores.items()},
+            "review": decisions.get(q["pair_key"]),
+            "provenance": {**provenance, "editor": e["model_id"], "attribute_model": a["model_id"],
+                           "prompt_backend": p["backend"], "prompt_model": p["model_id"]},
+        }
+        out.append(Sample(
+            key=q["pair_key"], split=split_of(e["image_key"], test_fraction, salt),
+            source_path=data_root / e["source_path"], edit_path=edit_dir(e) / e["edit_path"], meta=meta,
+            source_prompt=e["source_prompt"], target_prompt=e["target_prompt"],
+        ))
+    return out
