@@ -89,5 +89,26 @@ def serve_llm(
             pass
 
 
+@app.command("review")
+def review(
+    host: str = typer.Option("127.0.0.1", help="bind address; anything but loopback needs --token"),
+    port: int = typer.Option(8765),
+    token: Optional[str] = typer.Option(None, envvar="ATTRFACE_REVIEW_TOKEN", help="required on every request"),
+    include_failed: bool = typer.Option(False, help="also show pairs that failed automatic QC"),
+    profile: Optional[str] = typer.Option(None),
+) -> None:
+    """Open the human-review web app over the pairs that passed QC (decisions go to SQLite)."""
+    from attrface_pipeline.config import load_config
+    from attrface_pipeline.web.review_app import serve
+
+    cfg = load_config(profile)
+    typer.echo(f"review app on http://{host}:{port}/  (decisions: {cfg.review_db}; Ctrl-C stops it)")
+    try:
+        serve(cfg.paths.data_root, cfg.review_db, host, port, token, include_failed)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
 if __name__ == "__main__":
     app()

@@ -78,3 +78,32 @@ def review_filter(mode: str, decisions: dict[str, dict]):
     if mode == "optional":
         return lambda key: decisions.get(key, {}).get("decision") != REJECT
     raise ValueError(f"review mode must be required, optional or off, got {mode!r}")
+
+
+def review_items(data_root: str | Path, include_failed: bool = False) -> list[dict]:
+    """The pairs to review: QC rows joined with their edit rows, from every complete partition.
+
+    Each item: pair_key, attribute, direction, prompts, QC scores, and the two image paths (absolute)."""
+    import pyarrow.parquet as pq
+
+    root = Path(data_root)
+    items = []
+    for qc_dir in sorted((root / "qc").glob("chunk-*")):
+        edit_dir = root / "edits" / qc_dir.name
+        if not (qc_dir / "_stats.json").exists() or not (edit_dir / "manifest.parquet").exists():
+            continue
+        edits = {r["pair_key"]: r for r in pq.read_table(edit_dir / "manifest.parquet").to_pylist()}
+        for q in pq.read_table(qc_dir / "manifest.parquet").to_pylist():
+            if not (q["passed"] or include_failed) or q["pair_key"] not in edits:
+                continue
+            e = edits[q["pair_key"]]
+            items.append({
+                "pair_key": q["pair_key"], "partition": qc_dir.name, "attribute": q["attribute"],
+                "direction": q["direction"], "source_prompt": e["source_prompt"], "target_prompt": e["target_prompt"],
+                "passed_qc": q["passed"], "identity_similarity": q["identity_similarity"],
+                "identity_distance": q["identity_distance"], "ssim": q["ssim"],
+                "landmark_displacement": q["landmark_displacement"], "p_before": q["p_before"],
+                "p_after": q["p_after"], "source_path": str(root / e["source_path"]),
+                "edit_path": str(edit_dir / e["edit_path"]),
+            })
+    return items
