@@ -170,6 +170,11 @@ class EditConfig(_Strict):
 class QCConfig(_Strict):
     """Automatic quality control of each edit pair. Every score is kept; these decide pass/fail."""
 
+    gate: list[Literal["attribute", "identity", "similarity"]] = Field(
+        default_factory=lambda: ["identity", "similarity"],
+        description="checks a pair must pass to be published (all are scored and reported). Offline the attribute "
+        "model is random, so its verdict is noise and does not gate; the full profile gates on all three.",
+    )
     identity_backend: Literal["dlib", "arcface"] = Field("dlib", description="arcface needs models.insightface_pack")
     arcface_min_similarity: float = Field(0.4, ge=-1, le=1, description="ArcFace cosine(source, edit) at least")
     dlib_max_distance: float = Field(0.6, ge=0, description="dlib descriptor distance at most (its same-person rule)")
@@ -177,7 +182,7 @@ class QCConfig(_Strict):
     min_ssim: float = Field(0.5, ge=-1, le=1, description="SSIM of the luma, source vs edit, at least")
     max_landmark_displacement: float = Field(16.0, ge=0, description="mean 5-point shift in px at 512, at most")
     min_pass_rate: float = Field(
-        0.0, ge=0, le=1, description="blocking floor on the overall pass rate (the run stops before publishing)"
+        0.5, ge=0, le=1, description="blocking floor on the overall pass rate (the run stops before publishing)"
     )
     batch_size: int = Field(16, ge=1)
 
@@ -251,7 +256,8 @@ FULL_PROFILE: dict[str, Any] = {
     # 13.5, n_min=0, n_avg=1) for Large and Medium alike, at the dataset's 512 px. beta=0.1 is an untuned default
     # that keeps a little more of the source's structure than plain FlowEdit (beta=0).
     # The paper's published set averages ArcFace similarity 0.6387 after QC; 0.4 admits strong edits.
-    "qc": {"identity_backend": "arcface", "arcface_min_similarity": 0.4, "min_pass_rate": 0.2},
+    "qc": {"identity_backend": "arcface", "arcface_min_similarity": 0.4, "min_pass_rate": 0.2,
+           "gate": ["attribute", "identity", "similarity"]},
     "edit": {"resolution": 512, "steps": 50, "n_max": 33, "src_guidance": 3.5, "tar_guidance": 13.5, "beta": 0.1,
              "max_sequence_length": 256, "batch_size": 4},
     "models": {

@@ -122,8 +122,8 @@ def test_rerun_is_idempotent_and_resumes_a_partial_partition(build):
 
 
 def test_blocking_qc_check_stops_downstream(build):
-    """With a pass-rate floor the random offline edits cannot reach, the blocking check fails the qc step and
-    nothing downstream of it runs."""
+    """With an SSIM threshold no edit can meet, the overall pass rate falls below the floor: the blocking check
+    fails the qc step and nothing downstream of it runs."""
     import dagster as dg
 
     from attrface_pipeline.assets.qc import qc
@@ -137,10 +137,11 @@ def test_blocking_qc_check_stops_downstream(build):
         ran.append(True)
 
     settings = {"paths": {"data_root": str(tmp / "out"), "cache_dir": str(tmp / "cache")},
-                "qc": {"min_pass_rate": 0.99}}
+                "qc": {"min_ssim": 0.9999, "min_pass_rate": 0.5}}
     result = dg.materialize([qc, publish_probe], partition_key="chunk-00000", raise_on_error=False,
                             resources={"attrface": AttrFaceConfig(settings=settings)},
                             instance=dg.DagsterInstance.ephemeral())
     assert not result.success and not ran
     overall = next(c for c in result.get_asset_check_evaluations() if c.check_name == "overall_pass_rate")
-    assert not overall.passed and overall.metadata["floor"].value == 0.99
+    assert not overall.passed and overall.metadata["floor"].value == 0.5
+    assert overall.metadata["pass_rate"].value < 0.5

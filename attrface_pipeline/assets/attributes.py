@@ -16,7 +16,7 @@ from attrface_pipeline.config import PipelineConfig
 from attrface_pipeline.images import read_rgb
 from attrface_pipeline.models.device import resolve_device, resolve_dtype
 from attrface_pipeline.models.farl import load_attribute_model
-from attrface_pipeline.models.store import ModelStore
+from attrface_pipeline.models.store import ModelStore, model_fingerprint
 from attrface_pipeline.plots import stacked_bar_png
 from attrface_pipeline.stages.attributes import ATTRIBUTE_SCHEMA, AttributeClassifier, classify_faces, state_counts
 from attrface_pipeline.stages.verbalize import (PROMPT_SCHEMA, RequestCache, RetryPolicy, TemplateVerbalizer,
@@ -47,7 +47,8 @@ def face_attributes(context: dg.AssetExecutionContext, attrface: AttrFaceConfig)
     for partition in context.partition_keys:
         face_store = PartitionStore(cfg.paths.data_root, "faces", partition)
         store = PartitionStore(cfg.paths.data_root, "face_attributes", partition)
-        fingerprint = cfg.fingerprint("attributes") + cfg.models.farl + _upstream_fingerprint(face_store)
+        fingerprint = (cfg.fingerprint("attributes") + model_fingerprint(cfg.models.farl)
+                       + _upstream_fingerprint(face_store))
         if not store.is_complete(fingerprint):
             store.invalidate()
             if not classifier:  # loaded once per step, and only when a partition needs it
@@ -119,7 +120,8 @@ def edit_prompts(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) ->
     for partition in context.partition_keys:
         attr_store = PartitionStore(cfg.paths.data_root, "face_attributes", partition)
         store = PartitionStore(cfg.paths.data_root, "edit_prompts", partition)
-        fingerprint = cfg.fingerprint("verbalize", "attributes") + cfg.models.qwen3 + _upstream_fingerprint(attr_store)
+        fingerprint = (cfg.fingerprint("verbalize", "attributes") + model_fingerprint(cfg.models.qwen3)
+                       + _upstream_fingerprint(attr_store))
         attr_rows = attr_store.read_manifest().to_pylist()
         requests = build_requests(attr_rows, acfg.controllable, acfg.positive_threshold, acfg.negative_threshold,
                                   vcfg.targets, vcfg.k, vcfg.seed, counts)

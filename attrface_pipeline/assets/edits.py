@@ -14,7 +14,7 @@ from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
 from attrface_pipeline.config import PipelineConfig
 from attrface_pipeline.images import encode_image, preview_grid, read_rgb
 from attrface_pipeline.models.device import resolve_device, resolve_dtype
-from attrface_pipeline.models.store import ModelStore
+from attrface_pipeline.models.store import ModelStore, model_fingerprint
 from attrface_pipeline.stages.edits import EDIT_SCHEMA, EditSpec, build_pairs, run_edits
 from attrface_pipeline.stages.flowedit import FlowEditor, FlowEditParams
 from attrface_pipeline.storage import PartitionStore, atomic_write_bytes
@@ -70,7 +70,7 @@ def edits(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.Mat
         face_store = PartitionStore(root, "faces", partition)
         store = PartitionStore(root, "edits", partition)
         upstream = ((prompt_store.read_stats() or {}).get("fingerprint", ""))[:8]
-        fingerprint = cfg.fingerprint("edit") + cfg.models.sd3 + upstream
+        fingerprint = cfg.fingerprint("edit") + model_fingerprint(cfg.models.sd3) + upstream
         if not store.is_complete(fingerprint):
             store.invalidate()
             guard = store.path("records", "_fingerprint")

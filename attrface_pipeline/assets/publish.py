@@ -105,7 +105,7 @@ def dataset_card(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) ->
         atomic_write_bytes(out / "attribute_distribution.png", png)
         chart = "attribute_distribution.png"
     text = render_card(cfg.source.dataset_name, stats["splits"], metas, rates, len(qc_rows),
-                       cfg.model_dump(mode="json"), cfg.profile, chart)
+                       cfg.model_dump(mode="json"), cfg.profile, chart, cfg.qc.gate, cfg.publish.review)
     atomic_write_bytes(out / "README.md", text.encode())
     metadata = {"samples": len(metas), "card": dg.MetadataValue.md(text.split("---", 2)[-1][:20000]),
                 "path": dg.MetadataValue.path(str(out / "README.md"))}

@@ -12,7 +12,7 @@ from attrface_pipeline.config import PipelineConfig
 from attrface_pipeline.images import encode_image, preview_grid, read_rgb
 from attrface_pipeline.models.device import resolve_device, resolve_dtype
 from attrface_pipeline.models.farl import load_attribute_model
-from attrface_pipeline.models.store import ModelStore
+from attrface_pipeline.models.store import ModelStore, model_fingerprint
 from attrface_pipeline.plots import histograms_png
 from attrface_pipeline.stages.attributes import AttributeClassifier
 from attrface_pipeline.stages.checks import (CHECKS, QC_SCHEMA, ArcFaceScorer, DlibScorer, LandmarkLocator,
@@ -31,7 +31,7 @@ def qc_thresholds(cfg: PipelineConfig) -> QCThresholds:
         negative_threshold=a.negative_threshold, attribute_tolerance=q.attribute_tolerance,
         min_identity_similarity=None if dlib else q.arcface_min_similarity,
         max_identity_distance=q.dlib_max_distance if dlib else None, min_ssim=q.min_ssim,
-        max_landmark_displacement=q.max_landmark_displacement,
+        max_landmark_displacement=q.max_landmark_displacement, gate=tuple(q.gate),
     )
 
 
@@ -57,8 +57,8 @@ def _scorers(cfg: PipelineConfig):
     check_specs=[dg.AssetCheckSpec(name, asset="qc", description=f"share of pairs passing the {name.split('_')[0]} "
                                    "check (reported, not blocking)") for name in RATE_CHECKS]
     + [dg.AssetCheckSpec(OVERALL_CHECK, asset="qc", blocking=True,
-                         description="share of pairs passing every check; below qc.min_pass_rate the run stops "
-                         "before anything is published")],
+                         description="share of pairs passing every gating check (qc.gate); below qc.min_pass_rate "
+                         "the run stops before anything is published")],
 )
 def qc(context: dg.AssetExecutionContext, attrface: AttrFaceConfig):
     cfg = attrface.pipeline_config()
@@ -70,7 +70,7 @@ def qc(context: dg.AssetExecutionContext, attrface: AttrFaceConfig):
         edit_store = PartitionStore(root, "edits", partition)
         store = PartitionStore(root, "qc", partition)
         upstream = ((edit_store.read_stats() or {}).get("fingerprint", ""))[:8]
-        fingerprint = cfg.fingerprint("qc", "attributes") + cfg.models.farl + upstream
+        fingerprint = cfg.fingerprint("qc", "attributes") + model_fingerprint(cfg.models.farl) + upstream
         if not store.is_complete(fingerprint):
             store.invalidate()
             if not scorers:

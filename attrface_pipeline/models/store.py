@@ -12,6 +12,7 @@ Nothing is downloaded at import time, and nothing is written outside ``cache_dir
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -66,7 +67,7 @@ class ModelStore:
         if name not in tiny.GENERATORS:
             raise ModelNotAvailableError(f"unknown tiny model {name!r}; available: {sorted(tiny.GENERATORS)}")
         target = self.cache_dir / "tiny" / name
-        if (target / tiny.DONE_MARKER).exists():
+        if _zoo_version(target / tiny.DONE_MARKER) == tiny.ZOO_VERSION:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         # Build in a sibling temp dir and rename: a crash never leaves a half-written model behind.
@@ -118,3 +119,19 @@ class ModelStore:
                 f"downloading {repo_id!r} failed ({type(e).__name__}: {e}). Gated models (FLUX.1-dev, SD3.5) need "
                 f"their licence accepted on the hub and `hf auth login` (or HF_TOKEN) first."
             ) from e
+
+
+def _zoo_version(marker: Path) -> int | None:
+    try:
+        return json.loads(marker.read_text()).get("version", 1)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def model_fingerprint(spec: str) -> str:
+    """What identifies a model spec's weights in asset fingerprints: the spec, plus the zoo version for tiny/."""
+    if spec.startswith("tiny/"):
+        from attrface_pipeline.models.tiny import ZOO_VERSION
+
+        return f"{spec}@zoo{ZOO_VERSION}"
+    return spec

@@ -15,6 +15,9 @@ import torch
 
 DONE_MARKER = "attrface_tiny.json"
 SEED = 20261122
+# Bump when a generator changes: cached tiny models of another version are regenerated, and assets built with
+# them recompute (their fingerprints include it). 2: the SD3 VAE is fitted on the sample faces.
+ZOO_VERSION = 2
 
 
 def _seeded(offset: int) -> None:
@@ -40,6 +43,66 @@ def _vae(latent_channels: int, scaling_factor: float, shift_factor: float | None
         use_quant_conv=quant_conv,
         use_post_quant_conv=quant_conv,
     )
+
+
+def _face_vae(latent_channels: int, scaling_factor: float, shift_factor: float | None):
+    """A 2-level AutoencoderKL (x2 downsampling) fitted briefly on the sample faces.
+
+    ARCHITECTURE.md: a random VAE turns every face into noise, so offline identity/structure checks would reject
+    everything. This one is small enough to fit in well under a minute on 2 CPU cores and then returns a
+    recognisable face (the diffusion transformer stays random). Its downsampling factor is 2, not the real 8:
+    with 8x and these widths, a minute of fitting still gives a blur.
+    """
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=8, sample_size=512, scaling_factor=scaling_factor,
+        shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
+    )
+    fit_vae_on_faces(vae)
+    return vae
+
+
+VAE_FIT = {"steps": 300, "batch": 16, "crop": 48, "lr": 3e-3, "image_size": 96}
+
+
+def fit_vae_on_faces(vae, steps: int = VAE_FIT["steps"]) -> float:
+    """Deterministic reconstruction fit (L1 + tiny KL) on random crops of data/samples/faces; returns eval L1."""
+    import cv2
+
+    from attrface_pipeline.config import PROJECT_ROOT
+    from attrface_pipeline.images import read_rgb
+
+    size, crop = VAE_FIT["image_size"], VAE_FIT["crop"]
+    images = []
+    for path in sorted((PROJECT_ROOT / "data" / "samples" / "faces").rglob("*")):
+        if path.suffix.lower() not in {".jpg", ".jpeg", ".png"}:
+            continue
+        rgb = read_rgb(path)
+        side = min(rgb.shape[:2])
+        top, left = (rgb.shape[0] - side) // 2, (rgb.shape[1] - side) // 2
+        rgb = cv2.resize(rgb[top:top + side, left:left + side], (size, size), interpolation=cv2.INTER_AREA)
+        images.append(torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1.0)
+    data = torch.stack(images)
+    g = torch.Generator().manual_seed(SEED)
+    opt = torch.optim.Adam(vae.parameters(), lr=VAE_FIT["lr"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=VAE_FIT["lr"], total_steps=steps, pct_start=0.1)
+    vae.train()
+    for _ in range(steps):
+        x = data[torch.randint(0, len(data), (VAE_FIT["batch"],), generator=g)]
+        i, j = (int(v) for v in torch.randint(0, size - crop + 1, (2,), generator=g))
+        x = x[:, :, i:i + crop, j:j + crop]
+        posterior = vae.encode(x).latent_dist
+        loss = (vae.decode(posterior.mode()).sample - x).abs().mean() + 1e-6 * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    vae.eval()
+    with torch.no_grad():
+        return float((vae.decode(vae.encode(data).latent_dist.mode()).sample - data).abs().mean())
 
 
 def _clip_text(tokenizer, hidden: int, projection: int | None):
@@ -79,7 +142,8 @@ def _t5_encoder(tokenizer, d_model: int = 64):
 
 
 def make_sd3(out: Path) -> None:
-    """StableDiffusion3Pipeline: SD3 transformer, 16-channel VAE, 2 CLIP-with-projection + T5 encoders."""
+    """StableDiffusion3Pipeline: SD3 transformer, 16-channel VAE fitted on the sample faces, 2 CLIP-with-projection
+    + T5 encoders."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from attrface_pipeline.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
@@ -89,9 +153,9 @@ def make_sd3(out: Path) -> None:
     transformer = SD3Transformer2DModel(
         sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
-        pos_embed_max_size=64,
+        pos_embed_max_size=128,
     )
-    vae = _vae(16, scaling_factor=1.5305, shift_factor=0.0609, quant_conv=False)
+    vae = _face_vae(16, scaling_factor=1.5305, shift_factor=0.0609)
     text_encoder, text_encoder_2 = _clip_text(clip_tok, 32, 32), _clip_text(clip_tok, 32, 32)
     text_encoder_3 = _t5_encoder(t5_tok, 64)
     pipe = StableDiffusion3Pipeline(
@@ -261,5 +325,6 @@ def generate(name: str, out: str | Path) -> Path:
         raise ValueError(f"unknown tiny model {name!r}; choose from {sorted(GENERATORS)}") from None
     out.mkdir(parents=True, exist_ok=True)
     generator(out)
-    (out / DONE_MARKER).write_text(json.dumps({"name": name, "seed": SEED, "torch": torch.__version__}, indent=2))
+    (out / DONE_MARKER).write_text(json.dumps({"name": name, "seed": SEED, "version": ZOO_VERSION, "torch": torch.__version__},
+                                               indent=2))
     return out

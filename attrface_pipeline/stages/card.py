@@ -24,7 +24,8 @@ def _size_category(n: int) -> str:
 
 
 def render_card(name: str, splits: dict[str, dict], samples_meta: Sequence[dict], qc_rates: dict[str, float],
-                qc_pairs: int, config_dump: dict, profile: str, chart_file: str | None) -> str:
+                qc_pairs: int, config_dump: dict, profile: str, chart_file: str | None,
+                gate: Sequence[str] = ("attribute", "identity", "similarity"), review: str = "optional") -> str:
     total = sum(s["samples"] for s in splits.values())
     front = {
         "pretty_name": name, "license": "other", "task_categories": ["image-to-image"],
@@ -55,7 +56,9 @@ def render_card(name: str, splits: dict[str, dict], samples_meta: Sequence[dict]
         lines += [f"![attribute distribution]({chart_file})", ""]
     lines += ["| flip | samples |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(flips.items())]
     lines += ["", "## Quality control", "",
-              f"{qc_pairs} edited pairs were scored; published pairs passed every check (and the review rule).", "",
+              f"{qc_pairs} edited pairs were scored on every check; published pairs passed the gating checks"
+              f" ({', '.join(gate)}) and the review rule (`review: {review}`). `overall` is the share passing the"
+              " gating checks.", "",
               "| check | pass rate |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in qc_rates.items()]
     lines += ["", f"Average identity similarity of the published pairs ({backend}): {mean_sim:.4f}"

@@ -193,8 +193,8 @@ QC_SCHEMA = pa.schema(
         ("pass_attribute", pa.bool_()),
         ("pass_identity", pa.bool_()),
         ("pass_similarity", pa.bool_()),
-        ("passed", pa.bool_()),
-        ("reasons", pa.string()),  # comma-separated failed checks ("" when passed)
+        ("passed", pa.bool_()),  # every gating check (qc.gate) passed
+        ("reasons", pa.string()),  # comma-separated failed gating checks ("" when passed)
         ("probabilities_before", pa.list_(pa.float32(), len(CELEBA_ATTRIBUTES))),
         ("probabilities_after", pa.list_(pa.float32(), len(CELEBA_ATTRIBUTES))),
     ]
@@ -212,6 +212,7 @@ class QCThresholds:
     max_identity_distance: float | None = None  # used by distance backends (dlib)
     min_ssim: float = 0.5
     max_landmark_displacement: float = 16.0
+    gate: tuple[str, ...] = CHECKS  # the checks that decide ``passed``
 
 
 def score_pairs(pairs: Sequence[dict], read_source: Callable[[dict], np.ndarray],
@@ -244,14 +245,14 @@ def score_pairs(pairs: Sequence[dict], read_source: Callable[[dict], np.ndarray]
                 "identity_backend": identity.name, "identity_similarity": ident["similarity"],
                 "identity_distance": ident["distance"], "ssim": s, "landmark_displacement": disp,
                 "pass_attribute": ok["attribute"], "pass_identity": ok["identity"], "pass_similarity": ok["similarity"],
-                "passed": all(ok.values()), "reasons": ",".join(c for c in CHECKS if not ok[c]),
+                "passed": all(ok[c] for c in th.gate), "reasons": ",".join(c for c in th.gate if not ok[c]),
                 "probabilities_before": [float(v) for v in pb], "probabilities_after": [float(v) for v in pa_],
             })
     return out
 
 
 def pass_rates(rows: Sequence[dict]) -> dict[str, float]:
-    """Share of pairs passing each check and all of them (0.0 for no pairs)."""
+    """Share of pairs passing each check, and ``overall``: passing the gating checks (0.0 for no pairs)."""
     n = len(rows)
     rates = {c: (sum(r[f"pass_{c}"] for r in rows) / n if n else 0.0) for c in CHECKS}
     rates["overall"] = sum(r["passed"] for r in rows) / n if n else 0.0

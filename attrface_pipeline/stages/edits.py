@@ -94,10 +94,10 @@ def build_pairs(prompt_rows: Sequence[dict], face_rows: Sequence[dict], faces_di
     return pairs
 
 
-def _maps(batch: Sequence[EditPair], spec: EditSpec, crops: Sequence[np.ndarray]) -> tuple[np.ndarray | None, ...]:
+def _maps(batch: Sequence[EditPair], spec: EditSpec, crops: Sequence[np.ndarray],
+          latent: int) -> tuple[np.ndarray | None, ...]:
     if not spec.region_masks and spec.beta_map == "uniform":
         return None, None
-    latent = spec.resolution // 8
     masks = np.stack([
         region_mask(np.asarray(p.landmarks5).reshape(5, 2), c.shape[0], ATTRIBUTE_REGIONS.get(p.attribute), latent,
                     spec.mask_softness)
@@ -126,7 +126,7 @@ def run_edits(pairs: Sequence[EditPair], editor: FlowEditor, spec: EditSpec, sto
         crops = [read_crop(p.source_path) for p in batch]
         small = [cv2.resize(c, (spec.resolution, spec.resolution), interpolation=cv2.INTER_AREA)
                  if c.shape[0] != spec.resolution else c for c in crops]
-        beta_maps, masks = _maps(batch, spec, crops)
+        beta_maps, masks = _maps(batch, spec, crops, spec.resolution // editor.pipe.vae_scale_factor)
         seeds = [pair_seed(spec.seed, p.pair_key) for p in batch]
         edited, timing = editor.edit(small, [p.source_prompt for p in batch], [p.target_prompt for p in batch],
                                      spec.params, seeds, beta_maps, masks)

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from attrface_pipeline.images import encode_image
-from attrface_pipeline.storage import atomic_write_json, atomic_write_parquet
+from attrface_pipeline.storage import atomic_write_json, atomic_write_parquet, publishable
 
 SPLITS = ("train", "test")
 SHARD_PATTERN = "attrface-{split}-{index:06d}.tar"
@@ -97,6 +97,7 @@ def _write_tar(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> N
             writer.close()
             f.flush()
             os.fsync(f.fileno())
+        publishable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
