@@ -2,7 +2,7 @@
 VENV ?= .venv
 export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 
-.PHONY: setup setup-vllm demo test test-fast ui bench bench-verbalize bench-flowedit clean
+.PHONY: setup setup-vllm demo test test-fast ui bench bench-verbalize bench-flowedit bench-publish review clean
 
 setup:
 	bash scripts/setup.sh
@@ -30,6 +30,12 @@ bench-verbalize:
 
 bench-flowedit:
 	$(VENV)/bin/python benchmarks/flowedit_speed.py
+
+bench-publish:
+	$(VENV)/bin/python benchmarks/publish_throughput.py
+
+review:
+	$(VENV)/bin/attrface review
 
 clean:
 	rm -rf data/build dagster_home/storage dagster_home/history dagster_home/schedules dagster_home/logs

@@ -11,6 +11,7 @@ import pytest
 
 from attrface_pipeline.config import PROJECT_ROOT
 from attrface_pipeline.images import read_rgb
+from attrface_pipeline.stages.shards import read_back
 
 pytestmark = pytest.mark.slow
 EXPECTED_FACES = 23  # per-photo counts checked by eye; see tests/stages/test_align_detect.py
@@ -46,6 +47,8 @@ def test_build_dataset_materializes_every_chunk(build):
         instance = dg.DagsterInstance.get()
         for asset in ("raw_images", "faces", "face_attributes", "edit_prompts", "edits", "qc"):
             assert instance.get_materialized_partitions(dg.AssetKey(asset)) == {"chunk-00000", "chunk-00001"}
+        for asset in ("attrface_shards", "dataset_card"):
+            assert instance.get_latest_materialization_event(dg.AssetKey(asset)) is not None
         meta = instance.get_latest_materialization_event(dg.AssetKey("faces")).asset_materialization.metadata
         attr_meta = instance.get_latest_materialization_event(dg.AssetKey("face_attributes")).asset_materialization.metadata
         prompt_meta = instance.get_latest_materialization_event(dg.AssetKey("edit_prompts")).asset_materialization.metadata
@@ -104,6 +107,32 @@ def test_build_dataset_materializes_every_chunk(build):
     assert qc_meta["pairs"].value == len(qc_rows) and 0 <= qc_meta["overall_pass_rate"].value <= 1
     assert qc_meta["score_histograms"].value.startswith("![QC score histograms](data:image/png;base64,")
     assert all(len(c) == 1 for c in checks.values()), checks
+
+    # published: the offline VAE keeps faces, so identity/similarity (real measures) pass and shards are non-empty
+    pub = tmp / "out" / "attrface_shards"
+    stats = json.loads((pub / "_stats.json").read_text())
+    passed = [r for r in qc_rows if r["passed"]]
+    assert qc_meta["overall_pass_rate"].value >= 0.5 and stats["qc_passed"] == len(passed)
+    published = {}
+    for split in ("train", "test"):
+        sizes = json.loads((pub / split / "sizes.json").read_text())
+        for shard in sizes:
+            samples = read_back(pub / split / shard)
+            assert len(samples) == sizes[shard]
+            for sample in samples:
+                assert set(sample) == {"__key__", "src.jpg", "tar.jpg", "json", "src.txt", "tar.txt"}
+                published[sample["__key__"]] = (split, json.loads(sample["json"]))
+    assert set(published) == {r["pair_key"] for r in passed}
+    assert {s for s, _ in published.values()} == {"train", "test"}
+    by_image = {}
+    for split, meta in published.values():
+        by_image.setdefault(meta["image_key"], set()).add(split)
+        assert meta["provenance"]["editor"] == "tiny/sd3" and "beta" in meta["edit"]["flowedit"]
+        assert len(meta["attributes"]["probabilities"]) == 40 and meta["qc"]["pass_identity"]
+    assert all(len(splits) == 1 for splits in by_image.values())  # no source photo in both splits
+    card = (pub / "README.md").read_text()
+    assert card.startswith("---\n") and "path: train/*.tar" in card and "0.6387" in card
+    assert "random" in card and (pub / "attribute_distribution.png").exists()
 
 
 def test_rerun_is_idempotent_and_resumes_a_partial_partition(build):
