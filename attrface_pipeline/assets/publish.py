@@ -6,7 +6,7 @@ from collections import Counter
 
 import dagster as dg
 
-from attrface_pipeline.assets.common import counts_json, png_markdown
+from attrface_pipeline.assets.common import counts_json, png_markdown, source_chunks
 from attrface_pipeline.assets.qc import qc
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.config import PipelineConfig
@@ -20,13 +20,14 @@ from attrface_pipeline.storage import PartitionStore, atomic_write_bytes, atomic
 PUBLISH_DIR = "attrface_shards"
 
 
-def _manifests(cfg: PipelineConfig, asset: str) -> list[tuple[str, dict]]:
-    """(partition, row) for every complete partition of an asset, in partition order."""
+def _manifests(cfg: PipelineConfig, asset: str, partitions: list[str]) -> list[tuple[str, dict]]:
+    """(partition, row) for every complete partition of an asset among the configured sources' chunks (a chunk
+    directory left from sources no longer configured is not published)."""
     out = []
-    for part in sorted((cfg.paths.data_root / asset).glob("chunk-*")):
-        store = PartitionStore(cfg.paths.data_root, asset, part.name)
+    for partition in partitions:
+        store = PartitionStore(cfg.paths.data_root, asset, partition)
         if store.read_stats() is not None:
-            out += [(part.name, r) for r in store.read_manifest().to_pylist()]
+            out += [(partition, r) for r in store.read_manifest().to_pylist()]
     return out
 
 
@@ -42,13 +43,14 @@ def attrface_shards(context: dg.AssetExecutionContext, attrface: AttrFaceConfig)
     pub, root = cfg.publish, cfg.paths.data_root
     out = root / PUBLISH_DIR
     (out / "_stats.json").unlink(missing_ok=True)  # not complete until rewritten at the end
-    qc_rows = [r for _, r in _manifests(cfg, "qc")]
-    edit_rows = _manifests(cfg, "edits")
+    chunks = list(source_chunks(cfg))
+    qc_rows = [r for _, r in _manifests(cfg, "qc", chunks)]
+    edit_rows = _manifests(cfg, "edits", chunks)
     part_of = {r["pair_key"]: p for p, r in edit_rows}
     decisions = ReviewStore(cfg.review_db).decisions() if pub.review != "off" else {}
     samples = assemble_samples(
-        qc_rows, [r for _, r in edit_rows], [r for _, r in _manifests(cfg, "face_attributes")],
-        [r for _, r in _manifests(cfg, "edit_prompts")], lambda e: root / "edits" / part_of[e["pair_key"]], root,
+        qc_rows, [r for _, r in edit_rows], [r for _, r in _manifests(cfg, "face_attributes", chunks)],
+        [r for _, r in _manifests(cfg, "edit_prompts", chunks)], lambda e: root / "edits" / part_of[e["pair_key"]], root,
         review_filter(pub.review, decisions), pub.test_fraction, pub.split_salt, cfg.source.dataset_name,
         {"profile": cfg.profile, "detector": cfg.detect.backend, "models": cfg.models.model_dump(mode="json")},
         decisions,
@@ -91,7 +93,7 @@ def dataset_card(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) ->
     for split in SPLITS:
         for shard in sorted((out / split).glob("*.tar")):
             metas += [json.loads(s["json"]) for s in read_back(shard)]
-    qc_rows = [r for _, r in _manifests(cfg, "qc")]
+    qc_rows = [r for _, r in _manifests(cfg, "qc", list(source_chunks(cfg)))]
     rates = pass_rates(qc_rows)
     table = []
     for attribute in sorted({m["edit"]["attribute"] for m in metas}):

@@ -128,9 +128,9 @@ def qc_metadata(rows: list[dict], rates: dict, cfg: PipelineConfig, th: QCThresh
     ]
     tiles = []
     for ex in examples[:6]:
-        row = next(r for r in rows if r["pair_key"] == ex["pair_key"])
-        part = next(p for p in (cfg.paths.data_root / "edits").glob("*/images") if (p / f"{row['pair_key']}.png").exists())
-        tiles.append(read_rgb(part / f"{row['pair_key']}.png"))
+        found = sorted((cfg.paths.data_root / "edits").glob(f"*/images/{ex['pair_key']}.png"))
+        if found:
+            tiles.append(read_rgb(found[0]))
     metadata = {
         "pairs": len(rows),
         "passed": sum(r["passed"] for r in rows),
