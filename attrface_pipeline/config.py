@@ -164,6 +164,8 @@ class EditConfig(_Strict):
             raise ValueError(f"edit.n_max {self.n_max} exceeds edit.steps {self.steps}")
         if self.beta_schedule is not None and len(self.beta_schedule) != self.steps:
             raise ValueError(f"edit.beta_schedule has {len(self.beta_schedule)} values for {self.steps} steps")
+        if self.region_masks and self.n_min > 0:
+            raise ValueError("edit.region_masks needs edit.n_min = 0 (sampling steps would repaint outside the mask)")
         return self
 
 

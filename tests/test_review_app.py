@@ -153,3 +153,22 @@ def test_token_gate_and_validation(data_root, tmp_path):
         server.should_exit = True
     with pytest.raises(ValueError, match="without --token"):
         serve(data_root, tmp_path / "db.sqlite", host="0.0.0.0")
+
+
+def test_cross_site_writes_are_refused(data_root, tmp_path):
+    from attrface_pipeline.web.review_app import create_app
+
+    url, _, server = _serve(create_app(data_root, tmp_path / "db.sqlite"))
+    body = '{"pair_key": "face0_00_Smiling_add", "decision": "accept", "reviewer": "x"}'
+    try:
+        # what a malicious page can send without a CORS preflight
+        assert httpx.post(url + "api/decisions", content=body, headers={"Content-Type": "text/plain"}).status_code == 415
+        evil = httpx.post(url + "api/decisions", content=body,
+                          headers={"Content-Type": "application/json", "Origin": "http://evil.example"})
+        assert evil.status_code == 403
+        rebound = httpx.get(url + "api/pairs", headers={"Host": "evil.example"})
+        assert rebound.status_code == 400  # DNS rebinding: unknown Host
+        assert httpx.post(url + "api/decisions", content="[1]", headers={"Content-Type": "application/json"}).status_code == 400
+    finally:
+        server.should_exit = True
+    assert ReviewStore(tmp_path / "db.sqlite").decisions() == {}

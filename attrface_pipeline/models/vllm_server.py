@@ -86,17 +86,20 @@ class VllmServer:
                                         start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {self.process.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(f"http://{self.host}:{self.port}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"vLLM server not healthy after {timeout_s:.0f} s; see {self.log_path}")
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"vLLM server exited with {self.process.returncode}; see {self.log_path}")
+                try:
+                    if httpx.get(f"http://{self.host}:{self.port}/health", timeout=2).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            raise TimeoutError(f"vLLM server not healthy after {timeout_s:.0f} s; see {self.log_path}")
+        except BaseException:  # timeout, early exit, Ctrl-C: never leave a server (own session) running
+            self.stop()
+            raise
 
     def stop(self, grace_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

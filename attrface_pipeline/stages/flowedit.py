@@ -18,6 +18,7 @@ here the dtype comes from the state itself.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -98,6 +99,9 @@ def flowedit_latents(
     entries (the last 0), ``timesteps`` steps entries, both from the scheduler. ``generators``: one per pair, so a
     pair's noise does not depend on its batch neighbours. ``beta_map``/``edit_mask``: (B, 1, h, w) or None.
     """
+    if edit_mask is not None and params.n_min > 0:
+        raise ValueError("an edit mask confines FlowEdit steps only; with n_min > 0 the sampling steps would "
+                         "repaint outside it. Use n_min = 0 with region masks.")
     x_src = x_src.float()
     batch = x_src.shape[0]
     steps = len(timesteps)
@@ -156,11 +160,14 @@ class EditTiming:
 class FlowEditor:
     """FlowEdit over a loaded ``StableDiffusion3Pipeline``: prompt embeddings cached, pairs batched."""
 
-    def __init__(self, pipe, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, pipe, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 max_cached_prompts: int = 128):
         self.pipe = pipe
         self.device = torch.device(device) if device is not None else pipe.device
         self.dtype = dtype or pipe.transformer.dtype
-        self._embeds: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # Bounded LRU: a run sees thousands of distinct captions, each ~2.7 MB of embeddings for SD3.5 on the GPU.
+        self._embeds: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.max_cached_prompts = max_cached_prompts
         self.transformer_calls = 0
 
     @classmethod
@@ -190,12 +197,16 @@ class FlowEditor:
     def embed(self, prompt: str, max_sequence_length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt_embeds (1, L, D), pooled (1, P)) for one prompt, computed once per editor."""
         key = (prompt, max_sequence_length)
-        if key not in self._embeds:
-            embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=prompt, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
-                max_sequence_length=max_sequence_length,
-            )
-            self._embeds[key] = (embeds.to(self.dtype), pooled.to(self.dtype))
+        if key in self._embeds:
+            self._embeds.move_to_end(key)
+            return self._embeds[key]
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+        )
+        self._embeds[key] = (embeds.to(self.dtype), pooled.to(self.dtype))
+        while len(self._embeds) > self.max_cached_prompts:
+            self._embeds.popitem(last=False)
         return self._embeds[key]
 
     def _embed_batch(self, prompts: Sequence[str], msl: int) -> tuple[torch.Tensor, torch.Tensor]:

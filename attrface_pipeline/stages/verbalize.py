@@ -271,10 +271,12 @@ def parse_answer(text: str, request: VerbalizeRequest) -> PromptSet:
         data = json.loads(body, strict=False)
     except json.JSONDecodeError as err:
         raise InvalidAnswer(f"not JSON ({err.msg} at {err.pos})") from None
-    if isinstance(data, dict):
-        if isinstance(data.get("source_prompt"), str):
-            data["source_prompt"] = _clean(data["source_prompt"])
-        for t in data.get("targets") or []:
+    if not isinstance(data, dict):
+        raise InvalidAnswer(f"off-schema (a JSON {type(data).__name__}, not an object)")
+    if isinstance(data.get("source_prompt"), str):
+        data["source_prompt"] = _clean(data["source_prompt"])
+    if isinstance(data.get("targets"), list):
+        for t in data["targets"]:
             if isinstance(t, dict) and isinstance(t.get("prompt"), str):
                 t["prompt"] = _clean(t["prompt"])
     try:
@@ -396,6 +398,8 @@ class _LLMVerbalizer:
                 prompts = parse_answer(text, request)
             except InvalidAnswer as err:
                 reason = f"invalid: {err}"
+                if str(err).startswith("request refused"):
+                    break  # the same request would be refused again
                 continue
             except (httpx.HTTPError, ServerError, OSError) as err:
                 reason = f"error: {type(err).__name__}: {err}"
@@ -409,6 +413,10 @@ class _LLMVerbalizer:
 
 class ServerError(RuntimeError):
     """The server answered with a status worth retrying (5xx, 429) or an unusable body."""
+
+
+class ServerConfigError(RuntimeError):
+    """The server refuses us for a reason retries cannot fix (wrong key, unknown model): fail the run loudly."""
 
 
 class VllmVerbalizer(_LLMVerbalizer):
@@ -446,7 +454,7 @@ class VllmVerbalizer(_LLMVerbalizer):
                 raise ServerError(f"{self.base_url} serves no model")
             self.model_id = served[0]
         elif self.model_id not in served:
-            raise ValueError(f"{self.base_url} serves {served}, not {self.model_id!r}: set verbalize.vllm.model")
+            raise ServerConfigError(f"{self.base_url} serves {served}, not {self.model_id!r}: set verbalize.vllm.model")
         return self.model_id
 
     def _complete(self, request: VerbalizeRequest, messages: list[dict[str, str]], seed: int) -> str:
@@ -466,15 +474,21 @@ class VllmVerbalizer(_LLMVerbalizer):
         r = self._client.post("/chat/completions", json=body)
         if r.status_code == 429 or r.status_code >= 500:
             raise ServerError(f"HTTP {r.status_code}: {r.text[:200]}")
-        r.raise_for_status()
+        if r.status_code in (401, 403, 404):
+            raise ServerConfigError(f"{self.base_url} answered HTTP {r.status_code} for model {self.model_id!r}: "
+                                    f"{r.text[:300]} (check verbalize.vllm.model / api_key_env)")
+        if r.status_code >= 400:  # e.g. 400 for an over-long prompt: this face's request cannot succeed
+            raise InvalidAnswer(f"request refused: HTTP {r.status_code}: {r.text[:200]}")
         try:
-            return r.json()["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, ValueError) as err:
-            raise ServerError(f"unusable response body ({err})") from None
+            content = r.json()["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise ServerError(f"unusable response body ({type(err).__name__}: {err})") from None
+        if not isinstance(content, str):
+            raise InvalidAnswer(f"no text in the answer (content is {type(content).__name__})")
+        return content
 
     def verbalize_many(self, requests: Sequence[VerbalizeRequest]) -> list[VerbalizeResult]:
-        if not self.model_id:
-            self.preflight()
+        self.preflight()  # resolves the model name; a server that does not serve it is a config error, not a retry
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="vllm") as pool:
             return list(pool.map(self.verbalize_one, requests))
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import hmac
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -30,7 +32,7 @@ class _TokenGate(BaseHTTPMiddleware):
     async def dispatch(self, request: Request, call_next):
         offered = (request.query_params.get("token") or request.cookies.get(COOKIE)
                    or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
-        if not offered or not hmac.compare_digest(offered, self.token):
+        if not offered or not hmac.compare_digest(offered.encode(), self.token.encode()):
             return Response("review app: a valid token is required (?token=...)", status_code=401)
         response = await call_next(request)
         if request.query_params.get("token"):
@@ -39,7 +41,7 @@ class _TokenGate(BaseHTTPMiddleware):
 
 
 def create_app(data_root: str | Path, db_path: str | Path, token: str | None = None,
-               include_failed: bool = False) -> Starlette:
+               include_failed: bool = False, allowed_hosts: list[str] | None = None) -> Starlette:
     store = ReviewStore(db_path)
     page = resources.files("attrface_pipeline.web").joinpath("review.html").read_text()
 
@@ -60,7 +62,18 @@ def create_app(data_root: str | Path, db_path: str | Path, token: str | None = N
         return JSONResponse({"pairs": out, "attributes": sorted({i["attribute"] for i in out})})
 
     async def decide(request: Request) -> JSONResponse:
-        body = await request.json()
+        # Cross-site pages can POST text/plain without a preflight: insist on JSON from this origin.
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return JSONResponse({"error": "Content-Type must be application/json"}, status_code=415)
+        origin = request.headers.get("origin")
+        if origin and urlsplit(origin).netloc != request.headers.get("host"):
+            return JSONResponse({"error": f"cross-origin request from {origin} refused"}, status_code=403)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return JSONResponse({"error": "expected a JSON object"}, status_code=400)
         key = str(body.get("pair_key", ""))
         if key not in items():
             return JSONResponse({"error": f"unknown pair {key!r}"}, status_code=404)
@@ -84,7 +97,10 @@ def create_app(data_root: str | Path, db_path: str | Path, token: str | None = N
         Route("/api/decisions", decide, methods=["POST"]),
         Route("/img/{kind}/{pair_key}", image),
     ]
-    middleware = [Middleware(_TokenGate, token=token)] if token else []
+    # Host check against DNS rebinding: a page on another name resolving to 127.0.0.1 cannot read the API.
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or ["127.0.0.1", "localhost", "::1"])]
+    if token:
+        middleware.append(Middleware(_TokenGate, token=token))
     return Starlette(routes=routes, middleware=middleware)
 
 
@@ -94,4 +110,6 @@ def serve(data_root: str | Path, db_path: str | Path, host: str = "127.0.0.1", p
 
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         raise ValueError(f"refusing to serve review decisions on {host} without --token")
-    uvicorn.run(create_app(data_root, db_path, token, include_failed), host=host, port=port, log_level="warning")
+    hosts = None if host in ("127.0.0.1", "localhost", "::1") else ["*"]  # remote use: the token guards it
+    uvicorn.run(create_app(data_root, db_path, token, include_failed, hosts), host=host, port=port,
+                log_level="warning")

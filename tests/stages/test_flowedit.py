@@ -118,6 +118,16 @@ def test_edit_mask_confines_the_edit(editor, faces):
     assert torch.equal(z[..., 4:, :], x[..., 4:, :]) and not torch.equal(z[..., :4, :], x[..., :4, :])
 
 
+def test_prompt_embedding_cache_is_bounded(tiny_zoo):
+    small = FlowEditor.from_pretrained(tiny_zoo / "sd3")
+    small.max_cached_prompts = 2
+    first = small.embed("one", 32)
+    small.embed("two", 32)
+    small.embed("three", 32)
+    assert len(small._embeds) == 2 and ("one", 32) not in small._embeds
+    torch.testing.assert_close(small.embed("one", 32)[0], first[0])  # recomputed identically
+
+
 def test_params_are_validated():
     with pytest.raises(ValueError):
         FlowEditParams(steps=10, n_max=11)

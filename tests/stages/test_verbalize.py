@@ -109,6 +109,8 @@ def test_parse_answer_accepts_valid_and_normalises_whitespace():
     (_answer(targets=[{"attribute": "Eyeglasses", "direction": "remove", "prompt": "x"},
                       {"attribute": "Smiling", "direction": "remove", "prompt": "y"}]), "do not match"),
     (_answer(source_prompt="A woman."), "repeats the source"),
+    ("[1, 2]", "not an object"),
+    ('{"source_prompt": "A woman.", "targets": 1}', "off-schema"),
 ])
 def test_parse_answer_rejects(text, why):
     with pytest.raises(InvalidAnswer, match=why):
