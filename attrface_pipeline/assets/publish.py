@@ -57,7 +57,8 @@ def attrface_shards(context: dg.AssetExecutionContext, attrface: AttrFaceConfig)
     )
     t0 = time.perf_counter()
     splits = {split: write_split([s for s in samples if s.split == split], out / split, split, pub.shard_size,
-                                 pub.image_format, pub.jpeg_quality, log=context.log.info) for split in SPLITS}
+                                 pub.image_format, pub.jpeg_quality, log=context.log.info, workers=pub.workers)
+              for split in SPLITS}
     seconds = time.perf_counter() - t0
     passed = sum(r["passed"] for r in qc_rows)
     stats = {"splits": splits, "qc_pairs": len(qc_rows), "qc_passed": passed,

@@ -104,26 +104,44 @@ def _write_tar(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> N
         raise
 
 
+def _write_shard(job: tuple[Sequence[Sample], Path, str, int]) -> tuple[str, int, int]:
+    """One shard and its parquet index; returns (name, samples, bytes)."""
+    chunk, path, image_format, quality = job
+    members = [(s.key, sample_members(s, image_format, quality)) for s in chunk]
+    _write_tar(path, members)
+    rows = [{"key": s.key, "shard": path.name, "index_in_shard": i, "attribute": s.meta["edit"]["attribute"],
+             "direction": s.meta["edit"]["direction"], "face_key": s.meta["face_key"],
+             "image_key": s.meta["image_key"], "identity_similarity": s.meta["qc"]["identity_similarity"],
+             "bytes": sum(len(v) for v in m.values())} for i, (s, (_, m)) in enumerate(zip(chunk, members))]
+    atomic_write_parquet(path.with_suffix(".parquet"), pa.Table.from_pylist(rows, INDEX_SCHEMA))
+    return path.name, len(chunk), path.stat().st_size
+
+
 def write_split(samples: Sequence[Sample], out_dir: Path, split: str, shard_size: int, image_format: str = "jpg",
-                quality: int = 95, log: Callable[[str], None] = print) -> dict:
+                quality: int = 95, log: Callable[[str], None] = print, workers: int = 1) -> dict:
     """Write one split's shards (+ parquet index per shard); remove shards left over from an earlier publish."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ordered = sorted(samples, key=lambda s: s.key)
+    jobs = [(ordered[start:start + shard_size], out_dir / SHARD_PATTERN.format(split=split, index=index),
+             image_format, quality) for index, start in enumerate(range(0, len(ordered), shard_size))]
     written, sizes, total_bytes = [], {}, 0
-    for index, start in enumerate(range(0, len(ordered), shard_size)):
-        chunk = ordered[start:start + shard_size]
-        name = SHARD_PATTERN.format(split=split, index=index)
-        members = [(s.key, sample_members(s, image_format, quality)) for s in chunk]
-        _write_tar(out_dir / name, members)
-        rows = [{"key": s.key, "shard": name, "index_in_shard": i, "attribute": s.meta["edit"]["attribute"],
-                 "direction": s.meta["edit"]["direction"], "face_key": s.meta["face_key"],
-                 "image_key": s.meta["image_key"], "identity_similarity": s.meta["qc"]["identity_similarity"],
-                 "bytes": sum(len(v) for v in m.values())} for i, (s, (_, m)) in enumerate(zip(chunk, members))]
-        atomic_write_parquet(out_dir / name.replace(".tar", ".parquet"), pa.Table.from_pylist(rows, INDEX_SCHEMA))
-        sizes[name] = len(chunk)
-        total_bytes += (out_dir / name).stat().st_size
-        written.append(name)
-        log(f"publish {split}: {name} ({len(chunk)} samples)")
+    # Shards are independent (and each is deterministic), so they can be encoded in parallel processes.
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = pool.map(_write_shard, jobs)
+            for name, count, size in results:
+                sizes[name], total_bytes = count, total_bytes + size
+                written.append(name)
+                log(f"publish {split}: {name} ({count} samples)")
+    else:
+        for job in jobs:
+            name, count, size = _write_shard(job)
+            sizes[name], total_bytes = count, total_bytes + size
+            written.append(name)
+            log(f"publish {split}: {name} ({count} samples)")
     for stale in out_dir.glob(f"attrface-{split}-*"):  # shards of a bigger earlier publish
         if stale.name.replace(".parquet", ".tar") not in sizes:
             stale.unlink()

@@ -70,6 +70,8 @@ def test_republishing_is_byte_identical_and_drops_stale_shards(pairs, tmp_path):
     first = _digest(tmp_path / "a")
     write_split(list(reversed(pairs)), tmp_path / "a", "train", shard_size=2, log=lambda m: None)  # order-free
     assert _digest(tmp_path / "a") == first
+    write_split(pairs, tmp_path / "b", "train", shard_size=2, log=lambda m: None, workers=2)  # in processes
+    assert _digest(tmp_path / "b") == first
     write_split(pairs[:3], tmp_path / "a", "train", shard_size=2, log=lambda m: None)
     assert sorted(p.name for p in (tmp_path / "a").glob("*.tar")) == ["attrface-train-000000.tar",
                                                                       "attrface-train-000001.tar"]
