@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,18 @@ class PartitionStore:
             return json.loads(self.stats_path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+
+    def fingerprint(self) -> str:
+        """The fingerprint of the completed partition ("" when incomplete): downstream fingerprints include it."""
+        return (self.read_stats() or {}).get("fingerprint", "")
+
+    def guard_resume(self, fingerprint: str, *work_dirs: str) -> None:
+        """Keep per-item work (records, images) only if it was made under ``fingerprint``; else start afresh."""
+        guard = self.path("records", "_fingerprint")
+        if not guard.exists() or guard.read_text() != fingerprint:
+            for d in ("records", *work_dirs):
+                shutil.rmtree(self.path(d), ignore_errors=True)
+            atomic_write_bytes(guard, fingerprint.encode())
 
     def is_complete(self, fingerprint: str) -> bool:
         stats = self.read_stats()

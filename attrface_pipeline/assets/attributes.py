@@ -25,8 +25,12 @@ from attrface_pipeline.stages.verbalize import (PROMPT_SCHEMA, RequestCache, Ret
 from attrface_pipeline.storage import PartitionStore
 
 
-def _upstream_fingerprint(store: PartitionStore) -> str:
-    return ((store.read_stats() or {}).get("fingerprint", ""))[:8]
+def load_classifier(cfg: PipelineConfig) -> AttributeClassifier:
+    """The configured FaRL model on the configured device (bf16 on CUDA by default), batched."""
+    acfg = cfg.attributes
+    device = resolve_device(acfg.device)
+    model = load_attribute_model(ModelStore.from_config(cfg).resolve(cfg.models.farl))
+    return AttributeClassifier(model, device, resolve_dtype(acfg.dtype, device), acfg.batch_size)
 
 
 @dg.asset(
@@ -48,14 +52,12 @@ def face_attributes(context: dg.AssetExecutionContext, attrface: AttrFaceConfig)
         face_store = PartitionStore(cfg.paths.data_root, "faces", partition)
         store = PartitionStore(cfg.paths.data_root, "face_attributes", partition)
         fingerprint = (cfg.fingerprint("attributes") + model_fingerprint(cfg.models.farl)
-                       + _upstream_fingerprint(face_store))
+                       + face_store.fingerprint()[:8])
         if not store.is_complete(fingerprint):
             store.invalidate()
             if not classifier:  # loaded once per step, and only when a partition needs it
-                device = resolve_device(acfg.device)
-                model = load_attribute_model(ModelStore.from_config(cfg).resolve(cfg.models.farl))
-                classifier.append(AttributeClassifier(model, device, resolve_dtype(acfg.dtype, device), acfg.batch_size))
-                context.log.info(f"attribute model {cfg.models.farl} on {device}")
+                classifier.append(load_classifier(cfg))
+                context.log.info(f"attribute model {cfg.models.farl} on {classifier[0].device}")
             t0 = time.perf_counter()
             rows = classify_faces(
                 face_store.read_manifest().to_pylist(), lambda rel: read_rgb(face_store.path(rel)), classifier[0],
@@ -121,7 +123,7 @@ def edit_prompts(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) ->
         attr_store = PartitionStore(cfg.paths.data_root, "face_attributes", partition)
         store = PartitionStore(cfg.paths.data_root, "edit_prompts", partition)
         fingerprint = (cfg.fingerprint("verbalize", "attributes") + model_fingerprint(cfg.models.qwen3)
-                       + _upstream_fingerprint(attr_store))
+                       + attr_store.fingerprint()[:8])
         attr_rows = attr_store.read_manifest().to_pylist()
         requests = build_requests(attr_rows, acfg.controllable, acfg.positive_threshold, acfg.negative_threshold,
                                   vcfg.targets, vcfg.k, vcfg.seed, counts)

@@ -1,7 +1,6 @@
 """Dagster asset for FlowEdit: face x target prompt -> edited image."""
 
 import resource
-import shutil
 import time
 
 import dagster as dg
@@ -17,7 +16,7 @@ from attrface_pipeline.models.device import resolve_device, resolve_dtype
 from attrface_pipeline.models.store import ModelStore, model_fingerprint
 from attrface_pipeline.stages.edits import EDIT_SCHEMA, EditSpec, build_pairs, run_edits
 from attrface_pipeline.stages.flowedit import FlowEditor, FlowEditParams
-from attrface_pipeline.storage import PartitionStore, atomic_write_bytes
+from attrface_pipeline.storage import PartitionStore
 
 
 def edit_spec(cfg: PipelineConfig) -> EditSpec:
@@ -69,15 +68,11 @@ def edits(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.Mat
         prompt_store = PartitionStore(root, "edit_prompts", partition)
         face_store = PartitionStore(root, "faces", partition)
         store = PartitionStore(root, "edits", partition)
-        upstream = ((prompt_store.read_stats() or {}).get("fingerprint", ""))[:8]
+        upstream = prompt_store.fingerprint()[:8]
         fingerprint = cfg.fingerprint("edit") + model_fingerprint(cfg.models.sd3) + upstream
         if not store.is_complete(fingerprint):
             store.invalidate()
-            guard = store.path("records", "_fingerprint")
-            if not guard.exists() or guard.read_text() != fingerprint:  # pairs made otherwise must not be resumed
-                shutil.rmtree(store.path("records"), ignore_errors=True)
-                shutil.rmtree(store.path("images"), ignore_errors=True)
-                atomic_write_bytes(guard, fingerprint.encode())
+            store.guard_resume(fingerprint, "images")  # pairs made under other settings must not be resumed
             pairs = build_pairs(prompt_store.read_manifest().to_pylist(), face_store.read_manifest().to_pylist(),
                                 f"faces/{partition}")
             if not editor:

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import shutil
 import time
 from collections import Counter
 from typing import Callable
@@ -19,7 +18,7 @@ from attrface_pipeline.models.store import ModelStore
 from attrface_pipeline.stages.detect import FaceDetector, make_detector
 from attrface_pipeline.stages.faces import FACE_SCHEMA, AlignSpec, FaceThresholds, extract_faces
 from attrface_pipeline.stages.ingest import SOURCE_SCHEMA, ingest_chunk, records_to_rows
-from attrface_pipeline.storage import PartitionStore, atomic_write_bytes
+from attrface_pipeline.storage import PartitionStore
 
 
 def _raw_images_partition(context: dg.AssetExecutionContext, cfg: PipelineConfig, paths: list[str],
@@ -74,19 +73,15 @@ def _faces_partition(context: dg.AssetExecutionContext, cfg: PipelineConfig, par
                      get_detector: Callable[[], FaceDetector]) -> dict:
     source_store = PartitionStore(cfg.paths.data_root, "raw_images", partition)
     sources = source_store.read_manifest().to_pylist()
-    upstream = (source_store.read_stats() or {}).get("fingerprint", "")
+    upstream = source_store.fingerprint()
     store = PartitionStore(cfg.paths.data_root, "faces", partition)
     fingerprint = cfg.fingerprint("detect", "align") + upstream[:8]
     if store.is_complete(fingerprint):
         context.log.info(f"faces {partition}: complete, reusing {store.dir}")
         return store.read_stats()
     store.invalidate()
-    settings = store.path("records", "_fingerprint")
-    if not settings.exists() or settings.read_text() != fingerprint:
-        # Per-image records made under other detector/alignment settings (or another upstream) must not be resumed.
-        shutil.rmtree(store.path("records"), ignore_errors=True)
-        shutil.rmtree(store.path("aligned"), ignore_errors=True)
-        atomic_write_bytes(settings, fingerprint.encode())
+    # Per-image records made under other detector/alignment settings (or another upstream) must not be resumed.
+    store.guard_resume(fingerprint, "aligned")
     det = cfg.detect
     detector = get_detector()
     t0 = time.perf_counter()

