@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from attrface_pipeline.images import encode_image
-from attrface_pipeline.storage import atomic_write_json, atomic_write_parquet, publishable
+from attrface_pipeline.storage import atomic_file, atomic_write_json, atomic_write_parquet
 
 SPLITS = ("train", "test")
 SHARD_PATTERN = "attrface-{split}-{index:06d}.tar"
@@ -84,24 +82,14 @@ def sample_members(sample: Sample, image_format: str = "jpg", quality: int = 95)
 
 
 def _write_tar(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> None:
-    """A tar of samples, byte-deterministic, written beside ``path`` and renamed into place."""
+    """A tar of samples, byte-deterministic (fixed mtime and owner), visible at ``path`` only once complete."""
     from webdataset import TarWriter
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer = TarWriter(f, user="attrface", group="attrface", mode=0o644, mtime=0, encoder=False)
-            for key, members in samples:
-                writer.write({"__key__": key, **members})
-            writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-        publishable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        writer = TarWriter(f, user="attrface", group="attrface", mode=0o644, mtime=0, encoder=False)
+        for key, members in samples:
+            writer.write({"__key__": key, **members})
+        writer.close()  # closes the tar stream, not ``f``
 
 
 def _write_shard(job: tuple[Sequence[Sample], Path, str, int]) -> tuple[str, int, int]:
