@@ -1,0 +1,212 @@
+"""Training loaders: tiny real shards (sample faces at 64 px) read in single, dual and folder mode."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from attrface_pipeline.attributes import ADD, CELEBA_ATTRIBUTES, DEFAULT_CONTROLLABLE, REMOVE
+from attrface_pipeline.images import encode_image, read_rgb
+from attrface_pipeline.stages.shards import Sample, write_split
+from training.data import (ImagesNotFoundError, LoaderConfig, ShardFormatError, ShardsNotFoundError, collate,
+                           make_dataset, make_loader, resolve_shards)
+
+SIZE, SHARDS, PER_SHARD = 64, 6, 3
+
+
+def _square(rgb, size):
+    h, w = rgb.shape[:2]
+    side = min(h, w)
+    crop = rgb[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _meta(key, face, attribute, direction, probs, rng):
+    states = {a: "positive" if probs[a] > 0.6 else "negative" if probs[a] < 0.4 else "unknown"
+              for a in DEFAULT_CONTROLLABLE}
+    return {"key": key, "source_dataset": "attrface-test", "image_key": face.split("_")[0], "face_key": face,
+            "attributes": {"probabilities": probs, "states": states},
+            "edit": {"attribute": attribute, "direction": direction, "seed": int(rng.integers(1 << 31)),
+                     "resolution": SIZE, "flowedit": {"steps": 10, "n_max": 7}},
+            "source_prompt": f"a portrait of {face}.", "target_prompt": f"a portrait of {face}, edited.",
+            "qc": {"identity_similarity": 0.71, "ssim": 0.9, "pass_attribute": True}, "review": None,
+            "provenance": {"editor": "tiny-sd3", "attribute_model": "tiny-farl"}}
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory, samples):
+    """6 train shards x 3 pairs from the real HQ sample photos: source = the face, target = mirrored and brighter."""
+    tmp = tmp_path_factory.mktemp("train_shards")
+    photos = sorted(p for p in (samples / "hq").iterdir() if p.suffix in {".jpg", ".png"})
+    rng = np.random.default_rng(0)
+    pairs = []
+    for n in range(SHARDS * PER_SHARD):
+        rgb = _square(read_rgb(photos[n % len(photos)]), SIZE)
+        src, tar = tmp / f"src{n}.png", tmp / f"tar{n}.png"
+        src.write_bytes(encode_image(rgb, "png"))
+        tar.write_bytes(encode_image(np.clip(rgb[:, ::-1].astype(int) + 40, 0, 255).astype(np.uint8), "png"))
+        probs = {a: round(float(p), 5) for a, p in zip(CELEBA_ATTRIBUTES, rng.uniform(0, 1, 40))}
+        attribute = DEFAULT_CONTROLLABLE[n % len(DEFAULT_CONTROLLABLE)]
+        direction = ADD if n % 2 else REMOVE
+        face = f"img{n:03d}_00"
+        key = f"{face}_{attribute}_{direction}"
+        meta = _meta(key, face, attribute, direction, probs, rng)
+        pairs.append(Sample(key, "train", src, tar, meta, meta["source_prompt"], meta["target_prompt"]))
+    write_split(pairs, tmp / "attrface_shards" / "train", "train", shard_size=PER_SHARD, log=lambda m: None)
+    return tmp / "attrface_shards"
+
+
+@pytest.fixture(scope="session")
+def metas(shard_dir):
+    import webdataset as wds
+
+    urls = resolve_shards(str(shard_dir), split="train")
+    return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False)}
+
+
+def _cfg(shard_dir, **kw):
+    base = {"shards": shard_dir, "preset": "train", "batch_size": 4, "num_workers": 0, "seed": 7}
+    return LoaderConfig(**{**base, **kw})
+
+
+def _by_key(loader, field):
+    return {k: v for batch in loader for k, v in zip(batch["key"], batch[field])}
+
+
+def _decoded(data):
+    return cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def _as_uint8(t):
+    return ((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+
+
+def test_single_mode_keys_shapes_and_sides(shard_dir, metas):
+    batches = list(make_loader(_cfg(shard_dir, resolution=32, lq_from="tar")))
+    assert sum(len(b["key"]) for b in batches) == SHARDS * PER_SHARD
+    b = batches[0]
+    assert set(b) == {"key", "gt", "lq", "prompt", "lq_from", "degradation"}
+    assert b["gt"].shape == b["lq"].shape == (4, 3, 32, 32) and b["gt"].dtype == torch.float32
+    assert -1 <= b["lq"].min() and b["lq"].max() <= 1 and b["gt"].min() < 0 < b["gt"].max()
+    assert b["lq_from"] == ["tar"] * 4
+    assert b["prompt"] == [metas[k]["tar.txt"].decode() for k in b["key"]]
+    assert b["degradation"][0]["preset"] == "train" and json.dumps(b["degradation"])  # plain JSON per sample
+    native = next(iter(make_loader(_cfg(shard_dir, lq_from="src", shuffle_buffer=0))))  # stored size, stored order
+    assert native["gt"].shape == (4, 3, SIZE, SIZE)
+    assert np.array_equal(_as_uint8(native["gt"][0]), _decoded(metas[native["key"][0]]["src.jpg"]))
+    sides = _by_key(make_loader(_cfg(shard_dir, lq_from="random")), "lq_from")
+    assert set(sides.values()) == {"src", "tar"}
+    assert sides == _by_key(make_loader(_cfg(shard_dir, lq_from="random", num_workers=2)), "lq_from")
+
+
+def test_dual_mode_one_lq_for_both_targets(shard_dir, metas):
+    loader = make_loader(_cfg(shard_dir, mode="dual", lq_from="src", resolution=48))
+    b = next(iter(loader))
+    assert {"gt_src", "gt_tar", "lq", "prompt_src", "prompt_tar", "attr_index", "attr_probs_src", "attr_probs_tar",
+            "attribute", "direction", "key", "degradation", "lq_from"} == set(b)
+    assert b["gt_src"].shape == b["gt_tar"].shape == b["lq"].shape == (4, 3, 48, 48)
+    assert b["attr_index"].dtype == torch.int64 and b["attr_probs_src"].shape == b["attr_probs_tar"].shape == (4, 40)
+    for i, key in enumerate(b["key"]):
+        meta = json.loads(metas[key]["json"])
+        index = CELEBA_ATTRIBUTES.index(meta["edit"]["attribute"])
+        assert b["attr_index"][i] == index and b["direction"][i] == meta["edit"]["direction"]
+        expected = torch.tensor([meta["attributes"]["probabilities"][a] for a in CELEBA_ATTRIBUTES])
+        assert torch.equal(b["attr_probs_src"][i], expected)
+        changed = (b["attr_probs_tar"][i] != b["attr_probs_src"][i]).nonzero().flatten().tolist()
+        assert changed in ([index], [])  # only the flipped attribute, set to its intended state
+        assert b["attr_probs_tar"][i, index] == (1.0 if meta["edit"]["direction"] == ADD else 0.0)
+        assert b["prompt_src"][i] == metas[key]["src.txt"].decode()
+        assert b["prompt_tar"][i] == metas[key]["tar.txt"].decode()
+    # The one LQ is the source GT's: identical to single mode's LQ (same seed, epoch, key) for both targets.
+    single = make_loader(_cfg(shard_dir, mode="single", lq_from="src", resolution=48))
+    single_lq, single_gt = _by_key(single, "lq"), _by_key(single, "gt")
+    for i, key in enumerate(b["key"]):
+        assert torch.equal(b["lq"][i], single_lq[key]) and torch.equal(b["gt_src"][i], single_gt[key])
+    tar_lq = _by_key(make_loader(_cfg(shard_dir, mode="dual", lq_from="tar", resolution=48)), "lq")
+    assert not torch.equal(tar_lq[b["key"][0]], b["lq"][0])
+
+
+def test_same_seed_same_batches_other_epoch_other_lq(shard_dir):
+    cfg = _cfg(shard_dir, num_workers=2, batch_size=3)
+    first, again = list(make_loader(cfg)), list(make_loader(cfg))
+    assert [b["key"] for b in first] == [b["key"] for b in again]
+    assert all(torch.equal(x["lq"], y["lq"]) for x, y in zip(first, again))
+    assert [x["degradation"] for x in first] == [y["degradation"] for y in again]
+    lq0 = {k: v for b in first for k, v in zip(b["key"], b["lq"])}
+    lq1 = _by_key(make_loader(cfg, epoch=1), "lq")
+    assert lq0.keys() == lq1.keys() and all(not torch.equal(lq0[k], lq1[k]) for k in lq0)
+    # The LQ depends on (seed, epoch, key) only, not on the worker that made it or the sample order.
+    serial = _by_key(make_loader(_cfg(shard_dir, num_workers=0, shuffle_buffer=0)), "lq")
+    assert all(torch.equal(lq0[k], serial[k]) for k in lq0)
+
+
+def test_every_sample_once_per_epoch_across_workers_and_nodes(shard_dir, metas, monkeypatch):
+    cfg = _cfg(shard_dir, num_workers=2, batch_size=2)
+    seen = []
+    for rank in range(3):  # webdataset's split_by_node reads RANK/WORLD_SIZE (inherited by the forked workers)
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        node = [k for b in make_loader(cfg) for k in b["key"]]
+        assert len(node) == 2 * PER_SHARD  # 6 shards / 3 nodes / 2 workers = one shard per worker
+        seen += node
+    assert sorted(seen) == sorted(metas)
+
+
+def test_resampled_is_infinite_and_cut_to_the_epoch(shard_dir, metas):
+    cfg = _cfg(shard_dir, num_workers=2, batch_size=2, resampled=True, epoch_samples=40)
+    keys = [k for b in make_loader(cfg) for k in b["key"]]
+    assert len(keys) == 40 and set(keys) <= set(metas) and len(set(keys)) < len(keys)  # with replacement
+    assert keys == [k for b in make_loader(cfg) for k in b["key"]]  # deterministic draws
+    with pytest.raises(ValueError, match="epoch_samples"):
+        LoaderConfig(shards=str(shard_dir), resampled=True)
+
+
+def test_missing_or_empty_folder_names_the_path_and_the_fix(tmp_path):
+    with pytest.raises(ShardsNotFoundError, match=r"nowhere.*build_dataset.*make demo"):
+        make_dataset(_cfg(tmp_path / "nowhere"))
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(ShardsNotFoundError, match=r"empty/train.*build_dataset"):
+        make_dataset(_cfg(tmp_path / "empty"))
+    with pytest.raises(ShardsNotFoundError, match="attrface-train-000001.tar"):
+        make_dataset(_cfg(str(tmp_path / "attrface-train-{000000..000001}.tar")))
+    with pytest.raises(ImagesNotFoundError, match="nothing_here"):
+        make_dataset(LoaderConfig(mode="folder", images=tmp_path / "nothing_here"))
+
+
+def test_missing_member_names_shard_key_and_member(shard_dir, metas, tmp_path):
+    import webdataset as wds
+
+    broken = tmp_path / "attrface-train-000000.tar"
+    with wds.TarWriter(str(broken), encoder=False) as writer:
+        for key in sorted(metas)[:2]:
+            writer.write({k: v for k, v in metas[key].items() if k in {"__key__", "src.jpg", "src.txt", "json"}})
+    first = sorted(metas)[0]
+    assert next(iter(make_loader(_cfg(broken, lq_from="src", batch_size=1, shuffle_buffer=0))))["key"] == [first]
+    with pytest.raises(ShardFormatError, match=rf"attrface-train-000000.tar, sample '{first}' lacks member tar.jpg"):
+        next(iter(make_loader(_cfg(broken, mode="dual", shuffle_buffer=0))))
+    with pytest.raises(ShardFormatError, match=r"lacks member tar.jpg .*, tar.txt, which mode 'single'"):  # in workers
+        next(iter(make_loader(_cfg(broken, lq_from="random", shuffle_buffer=0, num_workers=1))))
+
+
+def test_folder_loader_on_hq_images(samples):
+    cfg = LoaderConfig(mode="folder", images=samples / "hq", prompt="a photo of a face.", resolution=64, batch_size=3,
+                       num_workers=2, seed=3)
+    batches = list(make_loader(cfg))
+    keys = [k for b in batches for k in b["key"]]
+    assert len(keys) == 7 == len(set(keys)) and "ffhq_00000" in keys
+    b = batches[0]
+    assert set(b) == {"key", "gt", "lq", "prompt", "lq_from", "degradation"}
+    assert b["gt"].shape == b["lq"].shape == (3, 3, 64, 64) and b["prompt"] == ["a photo of a face."] * 3
+    again = _by_key(make_loader(cfg.model_copy(update={"num_workers": 0})), "lq")
+    assert all(torch.equal(v, again[k]) for batch in batches for k, v in zip(batch["key"], batch["lq"]))
+
+
+def test_config_is_strict_and_collate_refuses_mixed_sizes():
+    with pytest.raises(ValueError, match="extra"):
+        LoaderConfig(shards="x", batch=4)
+    with pytest.raises(ValueError, match="images"):
+        LoaderConfig(mode="folder")
+    with pytest.raises(ValueError, match="resolution"):
+        collate([{"gt": torch.zeros(3, 8, 8)}, {"gt": torch.zeros(3, 16, 16)}])
