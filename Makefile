@@ -2,7 +2,7 @@
 VENV ?= .venv
 export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 
-.PHONY: setup setup-vllm demo test test-fast ui bench bench-verbalize bench-flowedit bench-publish review clean
+.PHONY: setup setup-vllm demo test test-fast ui bench bench-verbalize bench-flowedit bench-publish bench-degradation review clean
 
 setup:
 	bash scripts/setup.sh
@@ -33,6 +33,9 @@ bench-flowedit:
 
 bench-publish:
 	$(VENV)/bin/python benchmarks/publish_throughput.py
+
+bench-degradation:
+	$(VENV)/bin/python benchmarks/degradation_speed.py
 
 review:
 	$(VENV)/bin/attrface review

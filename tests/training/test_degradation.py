@@ -3,6 +3,7 @@ ordering of RoboFace's levels, YAML user presets and their errors."""
 
 import json
 import math
+import pickle
 
 import cv2
 import numpy as np
@@ -283,3 +284,5 @@ def test_presets_validate_in_python_too():
     with pytest.raises(PresetError, match="stage2_scale_base"):
         DegradationPreset("x", good, good, stage2_scale_base="previous")
     hash(DegradationPreset("x", good, good))  # frozen and hashable: usable as a cache key
+    for preset in PRESETS.values():  # DataLoader workers receive presets by pickle
+        assert pickle.loads(pickle.dumps(preset)) == preset
