@@ -36,8 +36,13 @@ Presets (:data:`PRESETS` is the one source of truth; user presets come from YAML
 Departures from BasicSR: no USM sharpening of the GT (that concerns the training target, not the LQ); JPEG through
 libjpeg at an integer quality instead of the differentiable DiffJPEG at a real-valued one; cv2 'area' resizing
 (fractional box filter) instead of torch's adaptive average pooling; borders reflect-101 like torch's 'reflect'
-padding but also for kernels wider than the image. Poisson noise follows ``random_add_poisson_noise_pt``: the image
-quantised to 8 bits, photon count ``2**ceil(log2(#distinct levels))``, noise scaled by the sampled scale.
+padding but also for kernels wider than the image; Gaussian noise drawn by inverse-CDF lookup (2**16 quantiles, tails
+cut at 4.3 sigma) from 16-bit uniforms, 3x faster than numpy's exact normals and invisible after 8-bit quantisation.
+Poisson noise follows ``random_add_poisson_noise_pt``: the image quantised to 8 bits, photon count
+``2**ceil(log2(#distinct levels))``, noise scaled by the sampled scale.
+
+Speed (``make bench-degradation``, 512 px, one core): ``train`` ~50-60 img/s, ``realesrgan`` ~20 (its Poisson noise
+is numpy's exact sampler).
 """
 
 from __future__ import annotations

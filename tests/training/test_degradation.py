@@ -286,3 +286,23 @@ def test_presets_validate_in_python_too():
     hash(DegradationPreset("x", good, good))  # frozen and hashable: usable as a cache key
     for preset in PRESETS.values():  # DataLoader workers receive presets by pickle
         assert pickle.loads(pickle.dumps(preset)) == preset
+
+
+def test_noise_statistics():
+    """Gaussian noise by quantile lookup has the requested sigma; grey noise is one field for all channels; Poisson
+    noise at Real-ESRGAN's photon count (256 for an 8-bit image with > 128 levels) has variance scale^2 x 255/256."""
+    table = deg._normal_quantiles()
+    assert abs(float(table.mean())) < 1e-6 and abs(float(table.std()) - 1) < 1e-4 and table.min() == -table.max()
+    flat = np.full((200, 200, 3), 128.0, np.float32)
+    colour = deg._add_noise(flat.copy(), {"type": "gaussian", "sigma": 10.0, "grey": False, "seed": 1}) - 128
+    assert abs(colour.std() - 10) < 0.1 and abs(colour.mean()) < 0.1
+    assert abs(np.corrcoef(colour[..., 0].ravel(), colour[..., 1].ravel())[0, 1]) < 0.02
+    grey = deg._add_noise(flat.copy(), {"type": "gaussian", "sigma": 10.0, "grey": True, "seed": 1}) - 128
+    assert np.array_equal(grey[..., 0], grey[..., 2]) and abs(grey.std() - 10) < 0.1
+    ramp = np.repeat(np.linspace(0, 255, 200, dtype=np.float32)[None, :, None], 200, 0).repeat(3, 2)
+    ramp = np.rint(ramp)
+    noisy = deg._add_noise(ramp.copy(), {"type": "poisson", "scale": 2.0, "grey": False, "seed": 2})
+    mid = slice(80, 120)  # away from the clip at 0 and 255
+    expected = 2.0**2 * ramp[:, mid] * 255 / 256
+    ratio = (noisy[:, mid] - ramp[:, mid]).var(axis=(0, 2)) / expected[0, :, 0]  # 600 samples per column
+    assert abs(ratio.mean() - 1) < 0.03 and ratio.min() > 0.7 and ratio.max() < 1.3, ratio
