@@ -17,20 +17,45 @@ from attrface_pipeline.images import read_rgb
 from attrface_pipeline.models.store import ModelStore
 from attrface_pipeline.stages.detect import FaceDetector, make_detector
 from attrface_pipeline.stages.faces import FACE_SCHEMA, AlignSpec, FaceThresholds, extract_faces
-from attrface_pipeline.stages.ingest import SOURCE_SCHEMA, ingest_chunk, records_to_rows
+from attrface_pipeline.stages.ingest import (SOURCE_SCHEMA, ContentIndex, HashCache, ingest_chunk, keys_digest,
+                                            records_to_rows)
 from attrface_pipeline.storage import PartitionStore
+
+HASH_CACHE_DIR = "_hash_cache"  # under <data_root>/raw_images/, beside the chunk folders
+INGEST_VERSION = "ingest-v2"  # v2: duplicates across chunks, odd files quarantined; older partitions re-run
+
+
+def _raw_images_manifest(cfg: PipelineConfig, chunk: str) -> list[dict] | None:
+    """(key, source_path) rows of a chunk's complete raw_images manifest, or None (then its files are hashed)."""
+    store = PartitionStore(cfg.paths.data_root, "raw_images", chunk)
+    if store.read_stats() is None or not store.manifest_path.exists():
+        return None
+    try:
+        return store.read_manifest().select(["key", "source_path"]).to_pylist()
+    except (OSError, ValueError, KeyError):  # unreadable or foreign manifest: hashing gives the same keys
+        return None
+
+
+def content_index(cfg: PipelineConfig, chunks: dict[str, list[str]]) -> ContentIndex:
+    cache = HashCache(cfg.paths.data_root / "raw_images" / HASH_CACHE_DIR)
+    return ContentIndex(chunks, manifest=lambda chunk: _raw_images_manifest(cfg, chunk), cache=cache)
 
 
 def _raw_images_partition(context: dg.AssetExecutionContext, cfg: PipelineConfig, paths: list[str],
-                          partition: str) -> dict:
+                          partition: str, index: ContentIndex) -> dict:
     store = PartitionStore(cfg.paths.data_root, "raw_images", partition)
-    fingerprint = cfg.fingerprint("ingest") + hashlib.sha256("\n".join(paths).encode()).hexdigest()[:8]
+    earlier = index.earlier(partition)
+    # One hash over config, listing and the earlier chunks' keys: downstream fingerprints keep only a prefix of it,
+    # so each of the three must change the whole string (a new duplicate upstream re-runs this chunk and its faces).
+    parts = [INGEST_VERSION, cfg.fingerprint("ingest"), hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+             keys_digest(earlier)]
+    fingerprint = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     if store.is_complete(fingerprint):
         context.log.info(f"raw_images {partition}: complete, reusing {store.dir}")
         return store.read_stats()
     store.invalidate()
     t0 = time.perf_counter()
-    records = ingest_chunk(paths, min_side=cfg.ingest.min_side, max_pixels=cfg.ingest.max_pixels)
+    records = ingest_chunk(paths, min_side=cfg.ingest.min_side, max_pixels=cfg.ingest.max_pixels, earlier=earlier)
     rows = records_to_rows(records)
     store.write_manifest(rows, SOURCE_SCHEMA)
     quarantined = [r for r in rows if r["status"] != "ok"]
@@ -47,14 +72,20 @@ def _raw_images_partition(context: dg.AssetExecutionContext, cfg: PipelineConfig
 @dg.asset(
     partitions_def=SOURCE_PARTITIONS,
     backfill_policy=PER_CHUNK,
-    description="Source photos of one chunk: validated, hashed, quarantined with a reason when unusable.",
+    description="Source photos of one chunk: validated, hashed, quarantined with a reason when unusable "
+    "(a photo already present in an earlier chunk is a duplicate).",
     group_name="dataset",
     kinds={"python", "parquet"},
 )
 def raw_images(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
     cfg = attrface.pipeline_config()
     chunks = source_chunks(cfg)  # one directory scan per step, not one per partition
-    all_stats = [_raw_images_partition(context, cfg, chunk_paths(chunks, p), p) for p in context.partition_keys]
+    index = content_index(cfg, chunks)
+    # In source order, so the index of earlier chunks' keys grows once over the run (an unknown partition sorts
+    # first and fails at once in chunk_paths).
+    position = {chunk: i for i, chunk in enumerate(chunks)}
+    partitions = sorted(context.partition_keys, key=lambda p: position.get(p, -1))
+    all_stats = [_raw_images_partition(context, cfg, chunk_paths(chunks, p), p, index) for p in partitions]
     quarantine_rows = [row for s in all_stats for row in s["quarantine_table"]]
     return dg.MaterializeResult(
         metadata={
