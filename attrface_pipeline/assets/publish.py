@@ -14,7 +14,8 @@ from attrface_pipeline.plots import stacked_bar_png
 from attrface_pipeline.stages.card import render_card
 from attrface_pipeline.stages.checks import pass_rates
 from attrface_pipeline.stages.review import ReviewStore, review_filter
-from attrface_pipeline.stages.shards import SPLITS, assemble_samples, read_back, write_split
+from attrface_pipeline.stages.shards import (SPLITS, assemble_samples, check_unique_keys, read_back,
+                                            verify_published_keys, write_split)
 from attrface_pipeline.storage import PartitionStore, atomic_write_bytes, atomic_write_json
 
 PUBLISH_DIR = "attrface_shards"
@@ -55,11 +56,13 @@ def attrface_shards(context: dg.AssetExecutionContext, attrface: AttrFaceConfig)
         {"profile": cfg.profile, "detector": cfg.detect.backend, "models": cfg.models.model_dump(mode="json")},
         decisions,
     )
+    check_unique_keys(samples)  # over all splits, before any shard is replaced
     t0 = time.perf_counter()
     splits = {split: write_split([s for s in samples if s.split == split], out / split, split, pub.shard_size,
                                  pub.image_format, pub.jpeg_quality, log=context.log.info, workers=pub.workers)
               for split in SPLITS}
     seconds = time.perf_counter() - t0
+    verify_published_keys(out)  # what is on disk, all shards of all splits; _stats.json is not written on failure
     passed = sum(r["passed"] for r in qc_rows)
     stats = {"splits": splits, "qc_pairs": len(qc_rows), "qc_passed": passed,
              "excluded_by_review": passed - len(samples), "review": pub.review,

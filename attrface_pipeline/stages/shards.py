@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,46 @@ class Sample:
     def __post_init__(self):
         if "." in self.key:
             raise ValueError(f"sample key {self.key!r} contains a dot; WebDataset would split it")
+
+
+class DuplicateSampleKeyError(ValueError):
+    """Two published samples share a key: the dataset would carry the same pair twice, or two pairs under one key."""
+
+
+def _raise_on_duplicates(located: Iterable[tuple[str, str]], what: str) -> None:
+    """Fail with every key that occurs more than once in ``located`` ((key, where) pairs), naming where."""
+    where_by_key: dict[str, list[str]] = defaultdict(list)
+    for key, where in located:
+        where_by_key[key].append(where)
+    duplicates = {k: v for k, v in where_by_key.items() if len(v) > 1}
+    if not duplicates:
+        return
+    listed = "; ".join(f"{k} in {', '.join(v)}" for k, v in sorted(duplicates.items())[:10])
+    more = f" (and {len(duplicates) - 10} more)" if len(duplicates) > 10 else ""
+    raise DuplicateSampleKeyError(
+        f"{len(duplicates)} sample key(s) occur more than once in {what}: {listed}{more}. Keys must be unique over "
+        f"all shards of all splits; the usual cause is one source photo ingested twice. Rebuild raw_images (ingest "
+        f"quarantines later copies as duplicates) and the chunks downstream of it, then publish again."
+    )
+
+
+def check_unique_keys(samples: Iterable[Sample]) -> None:
+    """Before writing: every sample key once over all splits, else :class:`DuplicateSampleKeyError`."""
+    _raise_on_duplicates(((s.key, f"{s.split} ({s.source_path})") for s in samples), "the samples to publish")
+
+
+def verify_published_keys(out_dir: Path, splits: Sequence[str] = SPLITS) -> int:
+    """After writing: read the parquet index of every shard of every split under ``out_dir`` and fail with
+    :class:`DuplicateSampleKeyError` if a key occurs twice. Returns the number of keys checked."""
+    import pyarrow.parquet as pq
+
+    located = []
+    for split in splits:
+        for index in sorted((out_dir / split).glob(f"attrface-{split}-*.parquet")):
+            located += [(key, f"{split}/{index.with_suffix('.tar').name}")
+                        for key in pq.read_table(index, columns=["key"]).column("key").to_pylist()]
+    _raise_on_duplicates(located, f"the shards under {out_dir}")
+    return len(located)
 
 
 def _image_bytes(path: Path, size: tuple[int, int] | None, fmt: str, quality: int) -> tuple[bytes, tuple[int, int]]:
@@ -108,6 +149,7 @@ def _write_shard(job: tuple[Sequence[Sample], Path, str, int]) -> tuple[str, int
 def write_split(samples: Sequence[Sample], out_dir: Path, split: str, shard_size: int, image_format: str = "jpg",
                 quality: int = 95, log: Callable[[str], None] = print, workers: int = 1) -> dict:
     """Write one split's shards (+ parquet index per shard); remove shards left over from an earlier publish."""
+    check_unique_keys(samples)  # before anything is written: a duplicate would otherwise be published silently
     out_dir.mkdir(parents=True, exist_ok=True)
     ordered = sorted(samples, key=lambda s: s.key)
     jobs = [(ordered[start:start + shard_size], out_dir / SHARD_PATTERN.format(split=split, index=index),

@@ -11,7 +11,8 @@ import pytest
 from attrface_pipeline.images import encode_image, read_rgb
 from attrface_pipeline.stages import shards
 from attrface_pipeline.stages.review import ACCEPT, REJECT, ReviewStore, review_filter
-from attrface_pipeline.stages.shards import Sample, read_back, split_of, write_split
+from attrface_pipeline.stages.shards import (DuplicateSampleKeyError, Sample, check_unique_keys, read_back, split_of,
+                                            verify_published_keys, write_split)
 
 MEMBERS = {"src.jpg", "tar.jpg", "json", "src.txt", "tar.txt"}
 
@@ -122,3 +123,27 @@ def test_review_store_and_publishing_rule(tmp_path):
         store.decide("p1", "maybe", "ana")
     with pytest.raises(ValueError):
         store.decide("p1", ACCEPT, " ")
+
+
+def test_a_duplicate_key_is_refused_before_anything_is_written(pairs, tmp_path):
+    """The same source photo published twice (e.g. from two chunks) gives two samples with one key."""
+    twice = [*pairs, pairs[2]]
+    with pytest.raises(DuplicateSampleKeyError, match=pairs[2].key) as caught:
+        write_split(twice, tmp_path / "train", "train", shard_size=3, log=lambda m: None)
+    assert str(pairs[2].source_path) in str(caught.value) and "raw_images" in str(caught.value)  # where, and the fix
+    assert not (tmp_path / "train").exists()  # no shard, no sizes.json
+    other_split = Sample(pairs[4].key, "test", pairs[4].source_path, pairs[4].edit_path, pairs[4].meta, "a", "b")
+    with pytest.raises(DuplicateSampleKeyError, match=f"{pairs[4].key} in train .*, test"):
+        check_unique_keys([*pairs, other_split])  # across splits too
+    check_unique_keys(pairs)
+
+
+def test_published_keys_are_verified_over_all_shards_of_all_splits(pairs, tmp_path):
+    out = tmp_path / "pub"
+    write_split(pairs[:4], out / "train", "train", shard_size=2, log=lambda m: None)
+    assert verify_published_keys(out) == 4
+    # Each split alone is clean, yet pairs[3] is in both: only a check over every split sees it.
+    write_split(pairs[3:], out / "test", "test", shard_size=2, log=lambda m: None)
+    with pytest.raises(DuplicateSampleKeyError, match=f"1 sample key.*{pairs[3].key} in train/attrface-train-000001"
+                                                      ".tar, test/attrface-test-000000.tar"):
+        verify_published_keys(out)
