@@ -479,7 +479,8 @@ class ContentIndex:
     A chunk's keys come from its complete raw_images manifest when ``manifest(chunk)`` has one that lists exactly
     the chunk's current paths, else from hashing its files (through ``cache``). Either way they depend on the
     earlier chunks' contents only, never on which partitions ran first. Asking for partitions in source order (as a
-    run over a partition range does) builds the prefix once: O(N) over the whole build.
+    run over a partition range does) reads or hashes each chunk once; with the hash cache, a later run over files
+    already hashed costs one stat per file.
     """
 
     def __init__(self, chunks: Mapping[str, Sequence[str]], *,

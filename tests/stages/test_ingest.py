@@ -228,7 +228,7 @@ def test_cut_and_corrupted_files_never_raise(name, encoded, tmp_path):
     rng = np.random.default_rng(sorted(FORMATS).index(name))
     half = len(data) // 2
     variants = {f"cut{c}": data[:c] for c in sorted({*_cut_points(len(data)), half})}
-    for i in range(16):  # half in the first 64 bytes (signature, header), half anywhere
+    for i in range(32):  # half in the first 64 bytes (signature, header), half anywhere
         variants[f"flip{i}"] = _flipped(data, rng, count=int(rng.choice([1, 4, 32])), within=64 if i % 2 else len(data))
     verdicts = {}
     for label, variant in variants.items():
@@ -547,6 +547,13 @@ def test_max_pixels_above_pillows_limit_is_honoured_on_a_header(tmp_path):
     assert ingest_file(str(huge), min_side=64, max_pixels=500_000_000).reason != "decompression_bomb"
     assert ingest_file(str(huge), min_side=64, max_pixels=80_000_000).detail.endswith("max_pixels=80000000")
     assert Image.MAX_IMAGE_PIXELS == default_limit  # Pillow's global is put back for everyone else
+    # Threads decoding at once do not restore it under each other, and each gets its own verdict.
+    from concurrent.futures import ThreadPoolExecutor
+
+    limits = [200_000_000, 80_000_000] * 8
+    with ThreadPoolExecutor(4) as pool:
+        reasons = list(pool.map(lambda m: ingest_file(str(path), min_side=64, max_pixels=m).reason, limits))
+    assert reasons == [roomy.reason, "decompression_bomb"] * 8 and Image.MAX_IMAGE_PIXELS == default_limit
 
 
 def test_a_real_95_megapixel_photo_passes_when_max_pixels_allows_it(tmp_path):
