@@ -1,6 +1,9 @@
 # One command each: `make demo` (set up + build the sample dataset), `make test`, `make ui`.
+SHELL := /bin/bash
 VENV ?= .venv
 export DAGSTER_HOME ?= $(CURDIR)/dagster_home
+# The same defaults the activated venv has (scripts/attrface_env.sh): bare `dagster job execute -j <job>` works.
+ATTRFACE_ENV := . scripts/attrface_env.sh &&
 
 .PHONY: setup setup-vllm demo test test-fast ui bench bench-verbalize bench-flowedit bench-publish bench-degradation review clean
 
@@ -11,7 +14,7 @@ setup-vllm:
 	bash scripts/setup_vllm.sh
 
 demo: setup
-	$(VENV)/bin/dagster job execute -m attrface_pipeline.definitions -j build_dataset
+	$(ATTRFACE_ENV) $(VENV)/bin/dagster job execute -j build_dataset
 
 test:
 	$(VENV)/bin/python -m pytest -q
@@ -20,7 +23,7 @@ test-fast:
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 ui:
-	$(VENV)/bin/dagster dev -w workspace.yaml
+	$(ATTRFACE_ENV) $(VENV)/bin/dagster dev -w workspace.yaml
 
 bench:
 	$(VENV)/bin/python benchmarks/detect_speed.py

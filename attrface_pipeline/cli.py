@@ -42,8 +42,62 @@ def show_config(
     """Print the fully resolved pipeline config as JSON."""
     from attrface_pipeline.config import load_config
 
-    cfg = load_config(profile, [str(p) for p in config_file] if config_file else None)
+    cfg = _config_or_exit(profile, [str(p) for p in config_file] if config_file else None)
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+
+def _config_or_exit(profile: Optional[str], files: Optional[list[str]] = None):
+    """The resolved config, or the problems one per line and exit status 2."""
+    from attrface_pipeline.config import ConfigError, load_config
+
+    try:
+        return load_config(profile, files)
+    except (ConfigError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("check-models")
+def check_models_command(
+    profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
+    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+) -> None:
+    """Check that every model build_dataset will load is present; list all missing ones with the fix."""
+    from attrface_pipeline.models.store import ModelNotAvailableError, check_models, required_models
+
+    cfg = _config_or_exit(profile, [str(p) for p in config_file] if config_file else None)
+    steps = ["faces", "face_attributes", "edit_prompts", "edits", "qc"]
+    try:
+        check_models(cfg, steps)
+    except ModelNotAvailableError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    for key, spec in required_models(cfg, steps).items():
+        typer.echo(f"ok: models.{key} = {spec}")
+
+
+@app.command("init-instance")
+def init_instance(
+    home: Optional[Path] = typer.Option(None, envvar="DAGSTER_HOME", help="instance folder (default $DAGSTER_HOME)"),
+) -> None:
+    """Create the Dagster instance's storage once (setup does this), so first runs may start concurrently."""
+    import os
+    import shutil
+
+    from attrface_pipeline.config import PROJECT_ROOT
+
+    if home is None:
+        raise typer.BadParameter("set DAGSTER_HOME or pass --home")
+    home = home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():  # pools, run limits, telemetry off: the project's instance settings
+        shutil.copyfile(PROJECT_ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(home)
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        instance.upgrade()  # creates (or migrates) run, event-log and schedule storage
+    typer.echo(f"Dagster instance ready at {home}")
 
 
 @app.command("resolve-model")

@@ -11,6 +11,7 @@ so the same ``configs/full.yaml`` works for ``dagster job execute -c`` and for `
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from attrface_pipeline.attributes import CELEBA_ATTRIBUTES, DEFAULT_CONTROLLABLE
 
@@ -50,8 +51,10 @@ class SourceConfig(_Strict):
 
 class IngestConfig(_Strict):
     min_side: int = Field(64, ge=1, description="images with a shorter side are quarantined (px)")
-    # Below PIL's own bomb limit (2 x 89.5 MP raises) so our bound is the one that fires, with our reason.
-    max_pixels: int = Field(80_000_000, ge=1, description="decompression-bomb bound on width*height")
+    # Ours alone: ingest turns Pillow's own bomb check off while it decodes, so any value works (above Pillow's
+    # 89.5 MP too), and the quarantine reason quotes max_pixels.
+    max_pixels: int = Field(80_000_000, ge=1, description="decompression-bomb bound on width*height, checked on the "
+                            "header before any pixel is decoded")
 
 
 class DetectConfig(_Strict):
@@ -286,22 +289,114 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_settings_file(path: str | Path) -> dict[str, Any]:
-    """Settings mapping from a YAML file; accepts Dagster run config (resources.attrface.config) too."""
+class ConfigError(ValueError):
+    """Invalid configuration: one line per problem, each naming the file (or layer) and the key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid AttrFace configuration:\n" + "\n".join(f"  {p}" for p in self.problems))
+
+
+# Keys Dagster itself accepts at the top of run config; only ``resources.attrface.config`` is ours.
+_RUN_CONFIG_KEYS = ("resources", "execution", "loggers", "ops")
+_RESOURCE_CONFIG_KEYS = ("profile", "config_files", "settings")
+
+
+def _unknown(origin: str, key: str, known: Any) -> str:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return f"{origin}: {key}: unknown key{hint}"
+
+
+def _mapping(value: Any, origin: str, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError([f"{origin}: {key}: must be a mapping, got {type(value).__name__}"])
+    return value
+
+
+def _run_config_layers(data: dict[str, Any], origin: str) -> list[tuple[str, dict[str, Any]]]:
+    """The settings layers of Dagster run config: strict about our wrapper keys, so a typo is never ignored."""
+    problems = [_unknown(origin, k, _RUN_CONFIG_KEYS) for k in data if k not in _RUN_CONFIG_KEYS]
+    resources = _mapping(data.get("resources"), origin, "resources")
+    problems += [_unknown(origin, f"resources.{k}", ["attrface"]) for k in resources if k != "attrface"]
+    attrface = _mapping(resources.get("attrface"), origin, "resources.attrface")
+    problems += [_unknown(origin, f"resources.attrface.{k}", ["config"]) for k in attrface if k != "config"]
+    resource = _mapping(attrface.get("config"), origin, "resources.attrface.config")
+    problems += [_unknown(origin, f"resources.attrface.config.{k}", _RESOURCE_CONFIG_KEYS)
+                 for k in resource if k not in _RESOURCE_CONFIG_KEYS]
+    if problems:
+        raise ConfigError(problems)
+    layers = [layer for f in resource.get("config_files") or [] for layer in _file_layers(f)]
+    settings = dict(_mapping(resource.get("settings"), origin, "resources.attrface.config.settings"))
+    if resource.get("profile"):
+        settings.setdefault("profile", resource["profile"])
+    return layers + [(origin, settings)]
+
+
+def _file_layers(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} does not exist (from {ENV_CONFIG} or -c)") from None
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path}: not valid YAML: {' '.join(str(err).split())}"]) from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
-    resource = data.get("resources", {}).get("attrface", {}).get("config")
-    if resource is not None:
-        settings = dict(resource.get("settings") or {})
-        if resource.get("profile"):
-            settings.setdefault("profile", resource["profile"])
-        return settings
-    return data
+        raise ConfigError([f"{path}: must hold a mapping, got {type(data).__name__}"])
+    if "resources" in data:  # Dagster run config (``-c`` file): the settings sit under resources.attrface.config
+        return _run_config_layers(data, str(path))
+    return [(str(path), data)]
+
+
+def read_settings_file(path: str | Path) -> dict[str, Any]:
+    """Settings mapping from a YAML file; accepts Dagster run config (resources.attrface.config) too."""
+    merged: dict[str, Any] = {}
+    for _, layer in _file_layers(path):
+        merged = deep_merge(merged, layer)
+    return merged
+
+
+def _origin_of(loc: tuple, layers: list[tuple[str, dict[str, Any]]]) -> str:
+    """The last layer that sets ``loc`` (the one whose value was validated), else the profile defaults."""
+    for origin, layer in reversed(layers):
+        node: Any = layer
+        for part in loc:
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                break
+        else:
+            return origin
+    return "profile defaults"
+
+
+def _fields_at(loc: tuple) -> dict[str, Any]:
+    """Field names of the config model at ``loc`` (for 'did you mean' hints)."""
+    model: Any = PipelineConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = getattr(field, "annotation", None)
+        if model is None:
+            return {}
+    return getattr(model, "model_fields", {})
+
+
+def _config_problems(err: ValidationError, layers: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        key, origin = ".".join(loc) or "(top level)", _origin_of(loc, layers)
+        if e["type"] == "extra_forbidden":
+            problems.append(_unknown(origin, key, _fields_at(loc[:-1])))
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            shown = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
+            problems.append(f"{origin}: {key}: {msg}{shown}")
+    return problems
 
 
 def load_config(
@@ -313,19 +408,26 @@ def load_config(
 
     With no arguments, ``$ATTRFACE_CONFIG`` (a YAML path, or several joined by ``os.pathsep``) and
     ``$ATTRFACE_PROFILE`` are read, so the Dagster code location and the CLI agree on one configuration.
+    Raises :class:`ConfigError` with one line per problem, naming the file (or layer) and the key.
     """
     if files is None:
         env = os.environ.get(ENV_CONFIG, "")
         files = [f for f in env.split(os.pathsep) if f]
-    layered: dict[str, Any] = {}
-    for f in files:
-        layered = deep_merge(layered, read_settings_file(f))
+    layers = [layer for f in files for layer in _file_layers(f)]
     if overrides:
-        layered = deep_merge(layered, overrides)
+        layers.append(("run config (resources.attrface.config.settings)", overrides))
+    layered: dict[str, Any] = {}
+    for _, layer in layers:
+        layered = deep_merge(layered, layer)
     chosen = profile or layered.get("profile") or os.environ.get(ENV_PROFILE) or "offline"
     if chosen not in PROFILES:
-        raise ValueError(f"unknown profile {chosen!r}; choose one of {PROFILES}")
+        origin = "profile argument" if profile else _origin_of(("profile",), layers)
+        raise ConfigError([f"{origin}: profile: unknown profile {chosen!r}; "
+                           f"choose one of {PROFILES}"])
     base: dict[str, Any] = FULL_PROFILE if chosen == "full" else {"profile": "offline"}
     merged = deep_merge(base, layered)
     merged["profile"] = chosen
-    return PipelineConfig.model_validate(merged)
+    try:
+        return PipelineConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_config_problems(err, layers)) from None

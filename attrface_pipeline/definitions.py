@@ -17,6 +17,8 @@ from attrface_pipeline.assets.partitions import SOURCE_PARTITIONS
 from attrface_pipeline.assets.publish import attrface_shards, dataset_card
 from attrface_pipeline.assets.qc import qc
 from attrface_pipeline.assets.resources import AttrFaceConfig
+from attrface_pipeline.assets.run_guard import guarded_executor
+from attrface_pipeline.models.store import check_models
 
 CHUNK_ASSETS = [raw_images, faces, face_attributes, edit_prompts, edits, qc]
 PUBLISH_ASSETS = [attrface_shards, dataset_card]
@@ -48,8 +50,17 @@ publish_dataset = dg.define_asset_job(
     description="Publish WebDataset shards and the dataset card from every complete chunk.",
 )
 
+
+
+def _preflight(run_config: dict, steps: list[str]) -> None:
+    """Before the first step: every model this run's steps will load is there (all missing ones listed)."""
+    resource = ((run_config.get("resources") or {}).get("attrface") or {}).get("config") or {}
+    check_models(AttrFaceConfig(**resource).pipeline_config(), steps)
+
+
 defs = dg.Definitions(
     assets=DATASET_ASSETS,
     jobs=[build_dataset, build_dataset_chunk, publish_dataset],
     resources={"attrface": AttrFaceConfig()},
+    executor=guarded_executor(_preflight),
 )

@@ -23,4 +23,11 @@ import cv2, dlib, torch, diffusers, transformers, dagster, insightface  # noqa: 
 print(f"ok: torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
       f"dagster {dagster.__version__}, opencv {cv2.__version__}")
 PY
+# Bare `dagster job execute -j build_dataset` works in the activated venv: activate sources scripts/attrface_env.sh.
+ACTIVATE="$VENV/bin/activate"
+grep -q attrface_env.sh "$ACTIVATE" || printf '\n# AttrFace: DAGSTER_HOME and the Dagster CLI defaults\n. "%s/scripts/attrface_env.sh"\n' "$PWD" >> "$ACTIVATE"
+# Create the instance's storage once, here: two first runs at once on an empty DAGSTER_HOME would both try to
+# create the SQLite schema and one fails ("table alembic_version already exists").
+. scripts/attrface_env.sh
+"$VENV/bin/attrface" init-instance
 echo "setup done in $(( $(date +%s) - start )) s; venv size $(du -sh "$VENV" | cut -f1)"

@@ -1,9 +1,12 @@
 """Dagster resources: the pipeline config, built from run config on top of the code location's defaults."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import dagster as dg
 
+from attrface_pipeline.assets.run_guard import hold_run_lock
 from attrface_pipeline.config import PipelineConfig, load_config
 
 
@@ -17,6 +20,16 @@ class AttrFaceConfig(dg.ConfigurableResource):
     profile: Optional[str] = None
     config_files: Optional[list[str]] = None
     settings: dict[str, Any] = {}
+
+    @contextmanager
+    def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator["AttrFaceConfig"]:
+        # Each step process joins its run's lock, so a step outliving a killed orchestrator keeps the run alive
+        # (and its GPU slot held) until it ends; see assets/run_guard.py.
+        if context.instance is None or not context.run_id:
+            yield self
+            return
+        with hold_run_lock(context.instance, context.run_id):
+            yield self
 
     def pipeline_config(self) -> PipelineConfig:
         return load_config(self.profile, self.config_files, self.settings or None)

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from attrface_pipeline.config import PipelineConfig
@@ -59,6 +60,22 @@ class ModelStore:
         if "/" not in spec:
             return self._insightface_pack(spec)
         return self._hub(spec)
+
+    def check(self, spec: str) -> str | None:
+        """Why ``spec`` cannot be resolved, or None when it can: no generation, no download (a preflight)."""
+        if spec.startswith("tiny/"):
+            from attrface_pipeline.models import tiny
+
+            name = spec.split("/", 1)[1]
+            return None if name in tiny.GENERATORS else f"unknown tiny model {name!r}; available: {sorted(tiny.GENERATORS)}"
+        if "/" in spec and not spec.startswith((".", "~", "/")) and self.allow_download \
+                and os.environ.get("HF_HUB_OFFLINE") != "1":
+            return None  # fetched on first use
+        try:
+            self.resolve(spec)
+        except ModelNotAvailableError as err:
+            return str(err)
+        return None
 
     # -- offline zoo -------------------------------------------------------------------------------------------
     def _tiny(self, name: str) -> Path:
@@ -119,6 +136,45 @@ class ModelStore:
                 f"downloading {repo_id!r} failed ({type(e).__name__}: {e}). Gated models (FLUX.1-dev, SD3.5) need "
                 f"their licence accepted on the hub and `hf auth login` (or HF_TOKEN) first."
             ) from e
+
+
+class ModelsMissingError(ModelNotAvailableError):
+    """Several models are missing; one line per config key."""
+
+
+# How to get each model when its check fails (appended to the store's own message).
+FETCH_HINTS = {
+    "farl": "facer publishes it as a GitHub release file of FacePerceiver/facer (face_attribute.farl.celeba.pt, "
+            "FaRL/facer terms): download it to that path",
+    "qwen3": "`hf download Qwen/Qwen3-8B --cache-dir <cache_dir>/hub` on a connected machine (Apache-2.0)",
+}
+
+
+def required_models(cfg: PipelineConfig, steps: Iterable[str]) -> dict[str, str]:
+    """The ``models.*`` keys (-> specs) the given asset steps will load under this config."""
+    steps = set(steps)
+    need: dict[str, str] = {}
+    if "faces" in steps and cfg.detect.backend == "insightface":
+        need["insightface_pack"] = cfg.models.insightface_pack
+    if steps & {"face_attributes", "qc"}:
+        need["farl"] = cfg.models.farl
+    if "edit_prompts" in steps and cfg.verbalize.backend == "transformers":
+        need["qwen3"] = cfg.models.qwen3
+    if "edits" in steps:
+        need["sd3"] = cfg.models.sd3
+    if "qc" in steps and cfg.qc.identity_backend == "arcface":
+        need["insightface_pack"] = cfg.models.insightface_pack
+    return need
+
+
+def check_models(cfg: PipelineConfig, steps: Iterable[str]) -> None:
+    """Raise :class:`ModelsMissingError` listing every missing model of these steps, with its key and the fix."""
+    store = ModelStore.from_config(cfg)
+    problems = [f"models.{key} = {spec!r}: {why}" + (f" Fetch: {FETCH_HINTS[key]}." if key in FETCH_HINTS else "")
+                for key, spec in required_models(cfg, steps).items() if (why := store.check(spec))]
+    if problems:
+        raise ModelsMissingError(f"{len(problems)} model(s) missing for this run (profile {cfg.profile}):\n"
+                                 + "\n".join(f"  - {p}" for p in problems))
 
 
 def _zoo_version(marker: Path) -> int | None:
