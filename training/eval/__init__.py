@@ -1,0 +1,1 @@
+"""Evaluation: metrics over image arrays and folders, fixed benchmark sets, report tables (no Dagster here)."""
