@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -129,19 +130,40 @@ class VerbalizeConfig(_Strict):
     vllm: VllmConfig = Field(default_factory=VllmConfig)
 
 
+def check_flowedit_schedule(*, steps: int, n_max: int, n_min: int, n_avg: int, beta: float,
+                            beta_schedule: Sequence[float] | None, prefix: str = "") -> None:
+    """FlowEdit's step schedule, checked in this one place: by :class:`EditConfig` when a config loads (``prefix``
+    ``edit.``) and by ``stages.flowedit.FlowEditParams`` for direct callers. Raises ValueError naming the keys."""
+    if steps < 1:
+        raise ValueError(f"{prefix}steps must be at least 1, got {steps}")
+    if n_max < 0 or n_min < 0:
+        raise ValueError(f"{prefix}n_max and {prefix}n_min must be at least 0, got {n_max} and {n_min}")
+    if n_max > steps:
+        raise ValueError(f"{prefix}n_max {n_max} exceeds {prefix}steps {steps}")
+    if n_avg < 1:
+        raise ValueError(f"{prefix}n_avg must be at least 1, got {n_avg}")
+    if beta_schedule is not None and len(beta_schedule) != steps:
+        raise ValueError(f"{prefix}beta_schedule has {len(beta_schedule)} values for {steps} steps")
+    betas = tuple(beta_schedule) if beta_schedule is not None else (beta,)
+    if not all(0.0 <= b <= 1.0 for b in betas):
+        raise ValueError(f"{prefix}beta values must lie in [0, 1], got {betas if beta_schedule is not None else beta}")
+
+
 class EditConfig(_Strict):
     """FlowEdit on SD3/SD3.5 (``models.sd3``). Defaults here are the offline profile's (tiny model, small and fast);
     the full profile uses the official SD3-medium values (see FULL_PROFILE)."""
 
     resolution: int = Field(128, ge=16, description="edit resolution (px, multiple of 16); crops are resized to it")
-    steps: int = Field(10, ge=1, description="T: scheduler steps")
-    n_max: int = Field(7, ge=0, description="FlowEdit runs on the last n_max steps (skips the noisiest)")
-    n_min: int = Field(0, ge=0, description="the last n_min steps are plain sampling with the target prompt")
-    n_avg: int = Field(1, ge=1, description="noise draws averaged per step")
+    # steps .. beta_schedule are FlowEditParams' fields (built from this section by builders.flowedit_params) and
+    # are checked once, by check_flowedit_schedule.
+    steps: int = Field(10, description="T: scheduler steps (at least 1)")
+    n_max: int = Field(7, description="FlowEdit runs on the last n_max steps (skips the noisiest); 0..steps")
+    n_min: int = Field(0, description="the last n_min steps are plain sampling with the target prompt")
+    n_avg: int = Field(1, description="noise draws averaged per step (at least 1)")
     src_guidance: float = 3.5
     tar_guidance: float = 13.5
     negative_prompt: str = ""
-    beta: float = Field(0.0, ge=0, le=1, description="noise blending: target velocity at (1-b) z_tar + b z_src")
+    beta: float = Field(0.0, description="noise blending: target velocity at (1-b) z_tar + b z_src; in [0, 1]")
     beta_schedule: list[float] | None = Field(None, description="per-step beta (length == steps); overrides beta")
     beta_map: Literal["uniform", "outside_region"] = Field(
         "uniform", description="spatial beta: everywhere, or only outside the flipped attribute's landmark region"
@@ -163,10 +185,8 @@ class EditConfig(_Strict):
     def _shape(self) -> EditConfig:
         if self.resolution % 16:
             raise ValueError(f"edit.resolution {self.resolution} must be a multiple of 16 (VAE x8, patch 2)")
-        if self.n_max > self.steps:
-            raise ValueError(f"edit.n_max {self.n_max} exceeds edit.steps {self.steps}")
-        if self.beta_schedule is not None and len(self.beta_schedule) != self.steps:
-            raise ValueError(f"edit.beta_schedule has {len(self.beta_schedule)} values for {self.steps} steps")
+        check_flowedit_schedule(steps=self.steps, n_max=self.n_max, n_min=self.n_min, n_avg=self.n_avg,
+                                beta=self.beta, beta_schedule=self.beta_schedule, prefix="edit.")
         if self.region_masks and self.n_min > 0:
             raise ValueError("edit.region_masks needs edit.n_min = 0 (sampling steps would repaint outside the mask)")
         return self

@@ -19,11 +19,10 @@ from pathlib import Path
 import cv2
 import torch
 
+from attrface_pipeline.builders import build_editor, flowedit_params
 from attrface_pipeline.config import PROJECT_ROOT, load_config
 from attrface_pipeline.images import read_rgb
-from attrface_pipeline.models.store import ModelStore
 from attrface_pipeline.stages.edits import pair_seed
-from attrface_pipeline.stages.flowedit import FlowEditor, FlowEditParams
 
 SRC = "A close-up portrait photo of a young woman with black hair, smiling and without eyeglasses."
 TAR = "A close-up portrait photo of a young woman with black hair, smiling and wearing eyeglasses."
@@ -35,12 +34,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    cfg = load_config()
-    editor = FlowEditor.from_pretrained(ModelStore.from_config(cfg).resolve("tiny/sd3"))
+    # The pipeline's own builder, pinned to the tiny SD3 on CPU whatever $ATTRFACE_CONFIG says.
+    cfg = load_config(overrides={"models": {"sd3": "tiny/sd3"}, "edit": {"device": "cpu"}})
+    editor = build_editor(cfg)
     photos = sorted((PROJECT_ROOT / "data" / "samples" / "faces" / "hq").glob("*.[jp][pn]g"))
-    e = cfg.edit
-    params = FlowEditParams(steps=e.steps, n_max=e.n_max, n_min=e.n_min, n_avg=e.n_avg,
-                            max_sequence_length=e.max_sequence_length)
+    params = flowedit_params(cfg.edit)
     rows = []
     for size in (64, 128):
         faces = [cv2.resize(read_rgb(photos[i % len(photos)]), (size, size), interpolation=cv2.INTER_AREA)
@@ -67,7 +65,7 @@ def main() -> None:
     budget = {}
     for profile in ("offline", "full"):
         p = load_config(profile).edit
-        fp = FlowEditParams(steps=p.steps, n_max=p.n_max, n_min=p.n_min, n_avg=p.n_avg)
+        fp = flowedit_params(p)
         official = 4 * min(p.n_max, p.steps) * p.n_avg
         budget[profile] = {"batched_calls_per_batch": fp.transformer_calls(),
                            "evaluations_per_pair": fp.sample_evaluations(), "official_code": official}

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from attrface_pipeline.config import check_flowedit_schedule
+
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -44,15 +46,10 @@ class FlowEditParams:
     max_sequence_length: int = 256  # T5 tokens
 
     def __post_init__(self):
-        if self.steps < 1 or self.n_min < 0 or not 0 <= self.n_max <= self.steps:
-            raise ValueError(f"need steps >= 1 and 0 <= n_min, 0 <= n_max <= steps; got {self}")
-        if self.n_avg < 1:
-            raise ValueError(f"n_avg must be >= 1, got {self.n_avg}")
-        if self.beta_schedule is not None and len(self.beta_schedule) != self.steps:
-            raise ValueError(f"beta_schedule has {len(self.beta_schedule)} values for {self.steps} steps")
-        betas = self.beta_schedule if self.beta_schedule is not None else (self.beta,)
-        if not all(0.0 <= b <= 1.0 for b in betas):
-            raise ValueError(f"beta values must lie in [0, 1], got {betas}")
+        if self.beta_schedule is not None:  # any sequence in (a config list), a hashable tuple stored
+            object.__setattr__(self, "beta_schedule", tuple(self.beta_schedule))
+        check_flowedit_schedule(steps=self.steps, n_max=self.n_max, n_min=self.n_min, n_avg=self.n_avg,
+                                beta=self.beta, beta_schedule=self.beta_schedule)
 
     def beta_at(self, step: int) -> float:
         return float(self.beta_schedule[step]) if self.beta_schedule is not None else float(self.beta)

@@ -1,0 +1,135 @@
+"""Components built from config, in one place: config in, ready component out.
+
+The assets, the CLI, the benchmarks and the trainers build their detector, attribute classifier, verbalizer,
+editor and QC scorers here, so each is configured the same way everywhere. Nothing here knows Dagster; each
+builder resolves its models through :class:`ModelStore` (local directory, cache or hub) and picks device and
+dtype through ``models.device``. The ``*_spec`` / ``*_thresholds`` / ``*_params`` functions pick the plain typed
+arguments that stage functions take out of the config tree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from attrface_pipeline.config import EditConfig, PipelineConfig
+from attrface_pipeline.models.device import resolve_device, resolve_dtype
+from attrface_pipeline.models.farl import load_attribute_model
+from attrface_pipeline.models.store import ModelStore
+from attrface_pipeline.stages.attributes import AttributeClassifier
+from attrface_pipeline.stages.checks import ArcFaceScorer, DlibScorer, IdentityScorer, LandmarkLocator, QCThresholds
+from attrface_pipeline.stages.detect import FaceDetector, make_detector
+from attrface_pipeline.stages.edits import EditSpec
+from attrface_pipeline.stages.faces import AlignSpec, FaceThresholds
+from attrface_pipeline.stages.flowedit import FlowEditor, FlowEditParams
+from attrface_pipeline.stages.verbalize import (RequestCache, RetryPolicy, TemplateVerbalizer, TransformersVerbalizer,
+                                                Verbalizer, VllmVerbalizer)
+
+# Detection and alignment
+
+
+def build_detector(cfg: PipelineConfig) -> FaceDetector:
+    """The configured face detector (dlib CNN offline, insightface's pack in the full profile)."""
+    det = cfg.detect
+    pack = ModelStore.from_config(cfg).resolve(cfg.models.insightface_pack) if det.backend == "insightface" else None
+    return make_detector(det.backend, max_side=det.max_side, max_upscale=det.max_upscale,
+                         dlib_upsample=det.dlib_upsample, insightface_pack=pack, det_size=det.insightface_det_size,
+                         min_score=det.min_score)
+
+
+def face_thresholds(cfg: PipelineConfig) -> FaceThresholds:
+    det = cfg.detect
+    return FaceThresholds(det.min_score, det.min_face_size, det.min_eye_distance)
+
+
+def align_spec(cfg: PipelineConfig) -> AlignSpec:
+    return AlignSpec(cfg.align.size, cfg.align.image_format, cfg.align.jpeg_quality)
+
+
+# Attributes and prompts
+
+
+def build_classifier(cfg: PipelineConfig) -> AttributeClassifier:
+    """The configured FaRL model on the configured device (bf16 on CUDA by default), batched."""
+    acfg = cfg.attributes
+    device = resolve_device(acfg.device)
+    model = load_attribute_model(ModelStore.from_config(cfg).resolve(cfg.models.farl))
+    return AttributeClassifier(model, device, resolve_dtype(acfg.dtype, device), acfg.batch_size)
+
+
+def build_verbalizer(cfg: PipelineConfig) -> Verbalizer:
+    """The configured backend; LLM backends cache validated answers under ``<cache_dir>/verbalize``."""
+    vcfg = cfg.verbalize
+    if vcfg.backend == "template":
+        return TemplateVerbalizer()
+    cache = RequestCache(cfg.paths.cache_dir / "verbalize")
+    retry = RetryPolicy(vcfg.vllm.max_retries, vcfg.vllm.backoff_s)
+    common = dict(retry=retry, cache=cache, temperature=vcfg.temperature, max_tokens=vcfg.max_tokens, seed=vcfg.seed)
+    if vcfg.backend == "vllm":
+        v = vcfg.vllm
+        return VllmVerbalizer(v.base_url, v.model, os.environ.get(v.api_key_env, "EMPTY"), v.concurrency,
+                              v.timeout_s, v.structured_output, **common)
+    path = ModelStore.from_config(cfg).resolve(cfg.models.qwen3)
+    return TransformersVerbalizer(path, cfg.models.qwen3, device=str(resolve_device(cfg.attributes.device)), **common)
+
+
+# Edits
+
+_FLOWEDIT_FIELDS = frozenset(f.name for f in fields(FlowEditParams))
+
+
+def flowedit_params(edit: EditConfig) -> FlowEditParams:
+    """FlowEdit's knobs from the ``edit`` section: every field of :class:`FlowEditParams`, by name."""
+    return FlowEditParams(**edit.model_dump(include=_FLOWEDIT_FIELDS))
+
+
+def edit_spec(cfg: PipelineConfig) -> EditSpec:
+    e = cfg.edit
+    return EditSpec(resolution=e.resolution, params=flowedit_params(e), seed=e.seed, region_masks=e.region_masks,
+                    beta_map=e.beta_map, mask_softness=e.mask_softness, batch_size=e.batch_size,
+                    model_id=cfg.models.sd3)
+
+
+def build_editor(cfg: PipelineConfig) -> FlowEditor:
+    """The SD3/SD3.5 pipeline of ``models.sd3`` on the configured device, dtype and memory options."""
+    e = cfg.edit
+    device = resolve_device(e.device)
+    return FlowEditor.from_pretrained(
+        ModelStore.from_config(cfg).resolve(cfg.models.sd3), device=device, dtype=resolve_dtype(e.dtype, device),
+        cpu_offload=e.cpu_offload, vae_slicing=e.vae_slicing, vae_tiling=e.vae_tiling, compile=e.compile,
+    )
+
+
+# Quality control
+
+
+@dataclass(frozen=True)
+class QCScorers:
+    """What ``stages.checks.score_pairs`` measures with: the attribute model, an identity scorer, landmarks."""
+
+    classifier: AttributeClassifier
+    identity: IdentityScorer
+    locator: LandmarkLocator
+
+
+def qc_thresholds(cfg: PipelineConfig) -> QCThresholds:
+    q, a = cfg.qc, cfg.attributes
+    dlib = q.identity_backend == "dlib"
+    return QCThresholds(
+        controllable=tuple(a.controllable), positive_threshold=a.positive_threshold,
+        negative_threshold=a.negative_threshold, attribute_tolerance=q.attribute_tolerance,
+        min_identity_similarity=None if dlib else q.arcface_min_similarity,
+        max_identity_distance=q.dlib_max_distance if dlib else None, min_ssim=q.min_ssim,
+        max_landmark_displacement=q.max_landmark_displacement, gate=tuple(q.gate),
+    )
+
+
+def build_identity_scorer(cfg: PipelineConfig) -> IdentityScorer:
+    """dlib's 128-d descriptor offline; ArcFace from insightface's pack with ``qc.identity_backend: arcface``."""
+    if cfg.qc.identity_backend == "arcface":
+        return ArcFaceScorer(ModelStore.from_config(cfg).resolve(cfg.models.insightface_pack))
+    return DlibScorer()
+
+
+def build_qc_scorers(cfg: PipelineConfig) -> QCScorers:
+    return QCScorers(build_classifier(cfg), build_identity_scorer(cfg), LandmarkLocator())
