@@ -1,36 +1,23 @@
 """Dagster assets for attribute classification and prompt verbalization."""
 
-import json
-import os
-import time
 from collections import Counter
 
 import dagster as dg
 
 from attrface_pipeline.assets.common import counts_json, png_markdown, table_markdown
 from attrface_pipeline.assets.ingest import faces
+from attrface_pipeline.assets.partition_loop import CachedBuilder, run_partitions
 from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.attributes import NEGATIVE, POSITIVE, UNKNOWN
+from attrface_pipeline.builders import build_classifier, build_verbalizer
 from attrface_pipeline.config import PipelineConfig
 from attrface_pipeline.images import read_rgb
-from attrface_pipeline.models.device import resolve_device, resolve_dtype
-from attrface_pipeline.models.farl import load_attribute_model
-from attrface_pipeline.models.store import ModelStore, model_fingerprint
+from attrface_pipeline.models.store import model_fingerprint
 from attrface_pipeline.plots import stacked_bar_png
-from attrface_pipeline.stages.attributes import ATTRIBUTE_SCHEMA, AttributeClassifier, classify_faces, state_counts
-from attrface_pipeline.stages.verbalize import (PROMPT_SCHEMA, RequestCache, RetryPolicy, TemplateVerbalizer,
-                                                TransformersVerbalizer, Verbalizer, VllmVerbalizer, build_requests,
-                                                result_rows)
+from attrface_pipeline.stages.attributes import ATTRIBUTE_SCHEMA, classify_faces, state_counts
+from attrface_pipeline.stages.verbalize import PROMPT_SCHEMA, build_requests, result_rows
 from attrface_pipeline.storage import PartitionStore
-
-
-def load_classifier(cfg: PipelineConfig) -> AttributeClassifier:
-    """The configured FaRL model on the configured device (bf16 on CUDA by default), batched."""
-    acfg = cfg.attributes
-    device = resolve_device(acfg.device)
-    model = load_attribute_model(ModelStore.from_config(cfg).resolve(cfg.models.farl))
-    return AttributeClassifier(model, device, resolve_dtype(acfg.dtype, device), acfg.batch_size)
 
 
 @dg.asset(
@@ -46,29 +33,23 @@ def load_classifier(cfg: PipelineConfig) -> AttributeClassifier:
 def face_attributes(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
     cfg = attrface.pipeline_config()
     acfg = cfg.attributes
-    classifier: list[AttributeClassifier] = []
-    all_rows, seconds, computed = [], 0.0, 0
-    for partition in context.partition_keys:
+    classifier = CachedBuilder(lambda: build_classifier(cfg),
+                               lambda c: f"attribute model {cfg.models.farl} on {c.device}")
+
+    def compute(partition: str, store: PartitionStore) -> tuple[list[dict], dict]:
         face_store = PartitionStore(cfg.paths.data_root, "faces", partition)
-        store = PartitionStore(cfg.paths.data_root, "face_attributes", partition)
-        fingerprint = (cfg.fingerprint("attributes") + model_fingerprint(cfg.models.farl)
-                       + face_store.fingerprint()[:8])
-        if not store.is_complete(fingerprint):
-            store.invalidate()
-            if not classifier:  # loaded once per step, and only when a partition needs it
-                classifier.append(load_classifier(cfg))
-                context.log.info(f"attribute model {cfg.models.farl} on {classifier[0].device}")
-            t0 = time.perf_counter()
-            rows = classify_faces(
-                face_store.read_manifest().to_pylist(), lambda rel: read_rgb(face_store.path(rel)), classifier[0],
-                acfg.controllable, acfg.positive_threshold, acfg.negative_threshold, cfg.models.farl,
-            )
-            store.write_manifest(rows, ATTRIBUTE_SCHEMA)
-            elapsed = time.perf_counter() - t0
-            store.complete({"partition": partition, "faces": len(rows), "seconds": round(elapsed, 3)}, fingerprint)
-            seconds += elapsed
-            computed += len(rows)
-        all_rows += store.read_manifest().to_pylist()
+        rows = classify_faces(
+            face_store.read_manifest().to_pylist(), lambda rel: read_rgb(face_store.path(rel)), classifier(),
+            acfg.controllable, acfg.positive_threshold, acfg.negative_threshold, cfg.models.farl,
+        )
+        return rows, {"faces": len(rows)}
+
+    results = run_partitions("face_attributes", context.partition_keys, data_root=cfg.paths.data_root,
+                             fingerprint=cfg.fingerprint("attributes") + model_fingerprint(cfg.models.farl),
+                             upstream="faces", schema=ATTRIBUTE_SCHEMA, compute=compute, model=classifier,
+                             log=context.log.info)
+    all_rows = [row for r in results for row in r.rows()]
+    seconds, computed = sum(r.seconds for r in results), sum(r.rows_computed for r in results)
     table = state_counts(all_rows, acfg.controllable)
     chart = stacked_bar_png(table, "attribute", [POSITIVE, NEGATIVE, UNKNOWN],
                             f"controllable attributes over {len(all_rows)} faces")
@@ -88,22 +69,6 @@ def face_attributes(context: dg.AssetExecutionContext, attrface: AttrFaceConfig)
     )
 
 
-def make_verbalizer(cfg: PipelineConfig) -> Verbalizer:
-    """The configured backend; LLM backends cache validated answers under ``<cache_dir>/verbalize``."""
-    vcfg = cfg.verbalize
-    if vcfg.backend == "template":
-        return TemplateVerbalizer()
-    cache = RequestCache(cfg.paths.cache_dir / "verbalize")
-    retry = RetryPolicy(vcfg.vllm.max_retries, vcfg.vllm.backoff_s)
-    common = dict(retry=retry, cache=cache, temperature=vcfg.temperature, max_tokens=vcfg.max_tokens, seed=vcfg.seed)
-    if vcfg.backend == "vllm":
-        v = vcfg.vllm
-        return VllmVerbalizer(v.base_url, v.model, os.environ.get(v.api_key_env, "EMPTY"), v.concurrency,
-                              v.timeout_s, v.structured_output, **common)
-    path = ModelStore.from_config(cfg).resolve(cfg.models.qwen3)
-    return TransformersVerbalizer(path, cfg.models.qwen3, device=str(resolve_device(cfg.attributes.device)), **common)
-
-
 @dg.asset(
     partitions_def=SOURCE_PARTITIONS,
     backfill_policy=PER_CHUNK,
@@ -115,34 +80,31 @@ def make_verbalizer(cfg: PipelineConfig) -> Verbalizer:
 )
 def edit_prompts(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
     cfg = attrface.pipeline_config()
-    vcfg, acfg = cfg.verbalize, cfg.attributes
-    verbalizer: list[Verbalizer] = []
-    counts: dict[str, int] = {}  # flips chosen so far in this step: balances sampled targets across attributes
-    all_rows, seconds, computed = [], 0.0, 0
+    vcfg, acfg, root = cfg.verbalize, cfg.attributes, cfg.paths.data_root
+    verbalizer = CachedBuilder(lambda: build_verbalizer(cfg))
+    # Requests for every partition first, complete or not, in partition order: the flips chosen so far in this step
+    # balance the sampled targets across attributes (``counts``), so a reused partition must still count its own.
+    counts: dict[str, int] = {}
+    attr_rows, requests = {}, {}
     for partition in context.partition_keys:
-        attr_store = PartitionStore(cfg.paths.data_root, "face_attributes", partition)
-        store = PartitionStore(cfg.paths.data_root, "edit_prompts", partition)
-        fingerprint = (cfg.fingerprint("verbalize", "attributes") + model_fingerprint(cfg.models.qwen3)
-                       + attr_store.fingerprint()[:8])
-        attr_rows = attr_store.read_manifest().to_pylist()
-        requests = build_requests(attr_rows, acfg.controllable, acfg.positive_threshold, acfg.negative_threshold,
-                                  vcfg.targets, vcfg.k, vcfg.seed, counts)
-        if not store.is_complete(fingerprint):
-            store.invalidate()
-            if not verbalizer:
-                verbalizer.append(make_verbalizer(cfg))
-            t0 = time.perf_counter()
-            results = verbalizer[0].verbalize_many(requests)
-            rows = result_rows(requests, results, {r["face_key"]: r["image_key"] for r in attr_rows})
-            store.write_manifest(rows, PROMPT_SCHEMA)
-            elapsed = time.perf_counter() - t0
-            store.complete({"partition": partition, "faces": len(rows), "seconds": round(elapsed, 3)}, fingerprint)
-            context.log.info(f"edit_prompts {partition}: {len(rows)} faces in {elapsed:.1f} s")
-            seconds += elapsed
-            computed += len(rows)
-        all_rows += store.read_manifest().to_pylist()
-    if verbalizer and hasattr(verbalizer[0], "close"):
-        verbalizer[0].close()
+        attr_rows[partition] = PartitionStore(root, "face_attributes", partition).read_manifest().to_pylist()
+        requests[partition] = build_requests(attr_rows[partition], acfg.controllable, acfg.positive_threshold,
+                                             acfg.negative_threshold, vcfg.targets, vcfg.k, vcfg.seed, counts)
+
+    def compute(partition: str, store: PartitionStore) -> tuple[list[dict], dict]:
+        answers = verbalizer().verbalize_many(requests[partition])
+        image_keys = {r["face_key"]: r["image_key"] for r in attr_rows[partition]}
+        rows = result_rows(requests[partition], answers, image_keys)
+        return rows, {"faces": len(rows)}
+
+    results = run_partitions(
+        "edit_prompts", context.partition_keys, data_root=root, upstream="face_attributes", schema=PROMPT_SCHEMA,
+        fingerprint=cfg.fingerprint("verbalize", "attributes") + model_fingerprint(cfg.models.qwen3),
+        compute=compute, model=verbalizer, log=context.log.info,
+    )
+    verbalizer.close()
+    all_rows = [row for r in results for row in r.rows()]
+    seconds, computed = sum(r.seconds for r in results), sum(r.rows_computed for r in results)
     return dg.MaterializeResult(metadata=prompt_metadata(all_rows, cfg, seconds, computed))
 
 

@@ -2,21 +2,19 @@
 
 import hashlib
 import json
-import time
 from collections import Counter
-from typing import Callable
 
 import dagster as dg
 
 from attrface_pipeline.assets.common import (chunk_paths, counts_json, preview_markdown, source_chunks,
                                              table_markdown)
+from attrface_pipeline.assets.partition_loop import CachedBuilder, run_partitions
 from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
 from attrface_pipeline.assets.resources import AttrFaceConfig
+from attrface_pipeline.builders import align_spec, build_detector, face_thresholds
 from attrface_pipeline.config import PipelineConfig
 from attrface_pipeline.images import read_rgb
-from attrface_pipeline.models.store import ModelStore
-from attrface_pipeline.stages.detect import FaceDetector, make_detector
-from attrface_pipeline.stages.faces import FACE_SCHEMA, AlignSpec, FaceThresholds, extract_faces
+from attrface_pipeline.stages.faces import FACE_SCHEMA, extract_faces
 from attrface_pipeline.stages.ingest import (SOURCE_SCHEMA, ContentIndex, HashCache, ingest_chunk, keys_digest,
                                             records_to_rows)
 from attrface_pipeline.storage import PartitionStore
@@ -41,32 +39,12 @@ def content_index(cfg: PipelineConfig, chunks: dict[str, list[str]]) -> ContentI
     return ContentIndex(chunks, manifest=lambda chunk: _raw_images_manifest(cfg, chunk), cache=cache)
 
 
-def _raw_images_partition(context: dg.AssetExecutionContext, cfg: PipelineConfig, paths: list[str],
-                          partition: str, index: ContentIndex) -> dict:
-    store = PartitionStore(cfg.paths.data_root, "raw_images", partition)
-    earlier = index.earlier(partition)
+def _raw_images_fingerprint(cfg: PipelineConfig, paths: list[str], earlier: dict[str, str]) -> str:
     # One hash over config, listing and the earlier chunks' keys: downstream fingerprints keep only a prefix of it,
     # so each of the three must change the whole string (a new duplicate upstream re-runs this chunk and its faces).
     parts = [INGEST_VERSION, cfg.fingerprint("ingest"), hashlib.sha256("\n".join(paths).encode()).hexdigest(),
              keys_digest(earlier)]
-    fingerprint = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-    if store.is_complete(fingerprint):
-        context.log.info(f"raw_images {partition}: complete, reusing {store.dir}")
-        return store.read_stats()
-    store.invalidate()
-    t0 = time.perf_counter()
-    records = ingest_chunk(paths, min_side=cfg.ingest.min_side, max_pixels=cfg.ingest.max_pixels, earlier=earlier)
-    rows = records_to_rows(records)
-    store.write_manifest(rows, SOURCE_SCHEMA)
-    quarantined = [r for r in rows if r["status"] != "ok"]
-    reasons = dict(Counter(r["reason"] for r in quarantined))
-    stats = {
-        "partition": partition, "sources": len(rows), "ok": len(rows) - len(quarantined),
-        "quarantined": len(quarantined), "quarantine_reasons": reasons, "seconds": round(time.perf_counter() - t0, 3),
-        "quarantine_table": [{k: r[k] for k in ("key", "source_path", "reason", "detail")} for r in quarantined],
-    }
-    store.complete(stats, fingerprint)
-    return stats
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 @dg.asset(
@@ -85,7 +63,24 @@ def raw_images(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> d
     # first and fails at once in chunk_paths).
     position = {chunk: i for i, chunk in enumerate(chunks)}
     partitions = sorted(context.partition_keys, key=lambda p: position.get(p, -1))
-    all_stats = [_raw_images_partition(context, cfg, chunk_paths(chunks, p), p, index) for p in partitions]
+
+    def compute(partition: str, store: PartitionStore) -> tuple[list[dict], dict]:
+        records = ingest_chunk(chunk_paths(chunks, partition), min_side=cfg.ingest.min_side,
+                               max_pixels=cfg.ingest.max_pixels, earlier=index.earlier(partition))
+        rows = records_to_rows(records)
+        quarantined = [r for r in rows if r["status"] != "ok"]
+        return rows, {
+            "sources": len(rows), "ok": len(rows) - len(quarantined), "quarantined": len(quarantined),
+            "quarantine_reasons": dict(Counter(r["reason"] for r in quarantined)),
+            "quarantine_table": [{k: r[k] for k in ("key", "source_path", "reason", "detail")} for r in quarantined],
+        }
+
+    results = run_partitions(
+        "raw_images", partitions, data_root=cfg.paths.data_root, schema=SOURCE_SCHEMA, compute=compute,
+        fingerprint=lambda p: _raw_images_fingerprint(cfg, chunk_paths(chunks, p), index.earlier(p)),
+        log=context.log.info,
+    )
+    all_stats = [r.stats for r in results]
     quarantine_rows = [row for s in all_stats for row in s["quarantine_table"]]
     return dg.MaterializeResult(
         metadata={
@@ -98,33 +93,6 @@ def raw_images(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> d
             "seconds": sum(s["seconds"] for s in all_stats),
         }
     )
-
-
-def _faces_partition(context: dg.AssetExecutionContext, cfg: PipelineConfig, partition: str,
-                     get_detector: Callable[[], FaceDetector]) -> dict:
-    source_store = PartitionStore(cfg.paths.data_root, "raw_images", partition)
-    sources = source_store.read_manifest().to_pylist()
-    upstream = source_store.fingerprint()
-    store = PartitionStore(cfg.paths.data_root, "faces", partition)
-    fingerprint = cfg.fingerprint("detect", "align") + upstream[:8]
-    if store.is_complete(fingerprint):
-        context.log.info(f"faces {partition}: complete, reusing {store.dir}")
-        return store.read_stats()
-    store.invalidate()
-    # Per-image records made under other detector/alignment settings (or another upstream) must not be resumed.
-    store.guard_resume(fingerprint, "aligned")
-    det = cfg.detect
-    detector = get_detector()
-    t0 = time.perf_counter()
-    rows, stats = extract_faces(
-        sources, detector, FaceThresholds(det.min_score, det.min_face_size, det.min_eye_distance),
-        AlignSpec(cfg.align.size, cfg.align.image_format, cfg.align.jpeg_quality), store,
-        min_side=cfg.ingest.min_side, max_pixels=cfg.ingest.max_pixels, log=context.log.info,
-    )
-    store.write_manifest(rows, FACE_SCHEMA)
-    stats.update(partition=partition, detector=detector.name, seconds=round(time.perf_counter() - t0, 3))
-    store.complete(stats, fingerprint)
-    return stats
 
 
 def _merge_counts(dicts) -> dict[str, int]:
@@ -141,24 +109,26 @@ def _merge_counts(dicts) -> dict[str, int]:
 )
 def faces(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
     cfg = attrface.pipeline_config()
-    loaded: list[FaceDetector] = []
+    detector = CachedBuilder(lambda: build_detector(cfg), lambda d: f"detector {d.name}")
 
-    def get_detector() -> FaceDetector:  # loaded once per step, and only if some partition needs work
-        if not loaded:
-            det = cfg.detect
-            pack = ModelStore.from_config(cfg).resolve(cfg.models.insightface_pack) if det.backend == "insightface" else None
-            loaded.append(make_detector(det.backend, max_side=det.max_side, max_upscale=det.max_upscale,
-                                        dlib_upsample=det.dlib_upsample, insightface_pack=pack,
-                                        det_size=det.insightface_det_size, min_score=det.min_score))
-        return loaded[0]
+    def compute(partition: str, store: PartitionStore) -> tuple[list[dict], dict]:
+        sources = PartitionStore(cfg.paths.data_root, "raw_images", partition).read_manifest().to_pylist()
+        rows, stats = extract_faces(sources, detector(), face_thresholds(cfg), align_spec(cfg), store,
+                                    min_side=cfg.ingest.min_side, max_pixels=cfg.ingest.max_pixels,
+                                    log=context.log.info)
+        return rows, {**stats, "detector": detector().name}
 
-    all_stats = [_faces_partition(context, cfg, p, get_detector) for p in context.partition_keys]
+    # resume: an interrupted partition keeps the crops and records of the images it finished
+    results = run_partitions("faces", context.partition_keys, data_root=cfg.paths.data_root,
+                             fingerprint=cfg.fingerprint("detect", "align"), upstream="raw_images",
+                             schema=FACE_SCHEMA, compute=compute, resume=["aligned"], model=detector,
+                             log=context.log.info)
+    all_stats = [r.stats for r in results]
     previews = []
-    for p in context.partition_keys:
-        store = PartitionStore(cfg.paths.data_root, "faces", p)
-        for row in store.read_manifest().to_pylist():
+    for result in results:
+        for row in result.rows():
             if row["status"] == "ok" and len(previews) < 24:
-                previews.append(read_rgb(store.path(row["aligned_path"])))
+                previews.append(read_rgb(result.store.path(row["aligned_path"])))
     detect_seconds = sum(s["detect_seconds"] for s in all_stats)
     images = sum(s["images"] - s["images_resumed"] - s["images_failed"] for s in all_stats)
     return dg.MaterializeResult(

@@ -1,42 +1,22 @@
 """Dagster asset for automatic QC of edit pairs, with pass-rate asset checks (the overall one blocking)."""
 
-import time
-
 import dagster as dg
 
-from attrface_pipeline.assets.attributes import load_classifier
 from attrface_pipeline.assets.common import png_markdown, table_markdown
 from attrface_pipeline.assets.edits import edits
+from attrface_pipeline.assets.partition_loop import CachedBuilder, run_partitions
 from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
 from attrface_pipeline.assets.resources import AttrFaceConfig
+from attrface_pipeline.builders import build_qc_scorers, qc_thresholds
 from attrface_pipeline.config import PipelineConfig
 from attrface_pipeline.images import encode_image, preview_grid, read_rgb
-from attrface_pipeline.models.store import ModelStore, model_fingerprint
+from attrface_pipeline.models.store import model_fingerprint
 from attrface_pipeline.plots import histograms_png
-from attrface_pipeline.stages.checks import (CHECKS, QC_SCHEMA, ArcFaceScorer, DlibScorer, LandmarkLocator,
-                                             QCThresholds, pass_rates, score_pairs)
+from attrface_pipeline.stages.checks import CHECKS, QC_SCHEMA, QCThresholds, pass_rates, score_pairs
 from attrface_pipeline.storage import PartitionStore
 
 RATE_CHECKS = [f"{c}_pass_rate" for c in CHECKS]
 OVERALL_CHECK = "overall_pass_rate"
-
-
-def qc_thresholds(cfg: PipelineConfig) -> QCThresholds:
-    q, a = cfg.qc, cfg.attributes
-    dlib = q.identity_backend == "dlib"
-    return QCThresholds(
-        controllable=tuple(a.controllable), positive_threshold=a.positive_threshold,
-        negative_threshold=a.negative_threshold, attribute_tolerance=q.attribute_tolerance,
-        min_identity_similarity=None if dlib else q.arcface_min_similarity,
-        max_identity_distance=q.dlib_max_distance if dlib else None, min_ssim=q.min_ssim,
-        max_landmark_displacement=q.max_landmark_displacement, gate=tuple(q.gate),
-    )
-
-
-def _scorers(cfg: PipelineConfig):
-    identity = (ArcFaceScorer(ModelStore.from_config(cfg).resolve(cfg.models.insightface_pack))
-                if cfg.qc.identity_backend == "arcface" else DlibScorer())
-    return load_classifier(cfg), identity, LandmarkLocator()
 
 
 @dg.asset(
@@ -56,30 +36,24 @@ def _scorers(cfg: PipelineConfig):
 )
 def qc(context: dg.AssetExecutionContext, attrface: AttrFaceConfig):
     cfg = attrface.pipeline_config()
-    root = cfg.paths.data_root
-    th = qc_thresholds(cfg)
-    scorers: list = []
-    rows, seconds = [], 0.0
-    for partition in context.partition_keys:
+    root, th = cfg.paths.data_root, qc_thresholds(cfg)
+    scorers = CachedBuilder(lambda: build_qc_scorers(cfg))
+
+    def compute(partition: str, store: PartitionStore) -> tuple[list[dict], dict]:
         edit_store = PartitionStore(root, "edits", partition)
-        store = PartitionStore(root, "qc", partition)
-        upstream = edit_store.fingerprint()[:8]
-        fingerprint = cfg.fingerprint("qc", "attributes") + model_fingerprint(cfg.models.farl) + upstream
-        if not store.is_complete(fingerprint):
-            store.invalidate()
-            if not scorers:
-                scorers.extend(_scorers(cfg))
-            t0 = time.perf_counter()
-            part_rows = score_pairs(
-                edit_store.read_manifest().to_pylist(), lambda p: read_rgb(root / p["source_path"]),
-                lambda p: read_rgb(edit_store.path(p["edit_path"])), *scorers, th, cfg.qc.batch_size,
-            )
-            store.write_manifest(part_rows, QC_SCHEMA)
-            elapsed = time.perf_counter() - t0
-            store.complete({"partition": partition, "pairs": len(part_rows), "rates": pass_rates(part_rows),
-                            "seconds": round(elapsed, 3)}, fingerprint)
-            seconds += elapsed
-        rows += store.read_manifest().to_pylist()
+        s = scorers()
+        rows = score_pairs(
+            edit_store.read_manifest().to_pylist(), read_source=lambda p: read_rgb(root / p["source_path"]),
+            read_edit=lambda p: read_rgb(edit_store.path(p["edit_path"])), classifier=s.classifier,
+            identity=s.identity, locator=s.locator, th=th, batch_size=cfg.qc.batch_size,
+        )
+        return rows, {"pairs": len(rows), "rates": pass_rates(rows)}
+
+    results = run_partitions("qc", context.partition_keys, data_root=root,
+                             fingerprint=cfg.fingerprint("qc", "attributes") + model_fingerprint(cfg.models.farl),
+                             upstream="edits", schema=QC_SCHEMA, compute=compute, model=scorers, log=context.log.info)
+    rows = [row for r in results for row in r.rows()]
+    seconds = sum(r.seconds for r in results)
     rates = pass_rates(rows)
     context.log.info(f"qc: {len(rows)} pairs, pass rates {rates}")
     yield dg.MaterializeResult(metadata=qc_metadata(rows, rates, cfg, th, seconds))
