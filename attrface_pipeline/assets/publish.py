@@ -50,11 +50,14 @@ def attrface_shards(context: dg.AssetExecutionContext, attrface: AttrFaceConfig)
     part_of = {r["pair_key"]: p for p, r in edit_rows}
     decisions = ReviewStore(cfg.review_db).decisions() if pub.review != "off" else {}
     samples = assemble_samples(
-        qc_rows, [r for _, r in edit_rows], [r for _, r in _manifests(cfg, "face_attributes", chunks)],
-        [r for _, r in _manifests(cfg, "edit_prompts", chunks)], lambda e: root / "edits" / part_of[e["pair_key"]], root,
-        review_filter(pub.review, decisions), pub.test_fraction, pub.split_salt, cfg.source.dataset_name,
-        {"profile": cfg.profile, "detector": cfg.detect.backend, "models": cfg.models.model_dump(mode="json")},
-        decisions,
+        qc_rows=qc_rows, edit_rows=[r for _, r in edit_rows],
+        attribute_rows=[r for _, r in _manifests(cfg, "face_attributes", chunks)],
+        prompt_rows=[r for _, r in _manifests(cfg, "edit_prompts", chunks)],
+        edit_dir=lambda e: root / "edits" / part_of[e["pair_key"]], data_root=root,
+        keep=review_filter(pub.review, decisions), test_fraction=pub.test_fraction, salt=pub.split_salt,
+        dataset_name=cfg.source.dataset_name, decisions=decisions,
+        provenance={"profile": cfg.profile, "detector": cfg.detect.backend,
+                    "models": cfg.models.model_dump(mode="json")},
     )
     check_unique_keys(samples)  # over all splits, before any shard is replaced
     t0 = time.perf_counter()
@@ -110,8 +113,9 @@ def dataset_card(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) ->
         png = stacked_bar_png(table, "attribute", ["add", "remove"], f"flips over {len(metas)} published pairs")
         atomic_write_bytes(out / "attribute_distribution.png", png)
         chart = "attribute_distribution.png"
-    text = render_card(cfg.source.dataset_name, stats["splits"], metas, rates, len(qc_rows),
-                       cfg.model_dump(mode="json"), cfg.profile, chart, cfg.qc.gate, cfg.publish.review)
+    text = render_card(name=cfg.source.dataset_name, splits=stats["splits"], samples_meta=metas, qc_rates=rates,
+                       qc_pairs=len(qc_rows), config_dump=cfg.model_dump(mode="json"), profile=cfg.profile,
+                       chart_file=chart, gate=cfg.qc.gate, review=cfg.publish.review)
     atomic_write_bytes(out / "README.md", text.encode())
     metadata = {"samples": len(metas), "card": dg.MetadataValue.md(text.split("---", 2)[-1][:20000]),
                 "path": dg.MetadataValue.path(str(out / "README.md"))}

@@ -23,7 +23,7 @@ def _size_category(n: int) -> str:
     return "n>1M"
 
 
-def render_card(name: str, splits: dict[str, dict], samples_meta: Sequence[dict], qc_rates: dict[str, float],
+def render_card(*, name: str, splits: dict[str, dict], samples_meta: Sequence[dict], qc_rates: dict[str, float],
                 qc_pairs: int, config_dump: dict, profile: str, chart_file: str | None,
                 gate: Sequence[str] = ("attribute", "identity", "similarity"), review: str = "optional") -> str:
     total = sum(s["samples"] for s in splits.values())

@@ -214,7 +214,7 @@ class QCThresholds:
     gate: tuple[str, ...] = CHECKS  # the checks that decide ``passed``
 
 
-def score_pairs(pairs: Sequence[dict], read_source: Callable[[dict], np.ndarray],
+def score_pairs(pairs: Sequence[dict], *, read_source: Callable[[dict], np.ndarray],
                 read_edit: Callable[[dict], np.ndarray], classifier, identity: IdentityScorer,
                 locator: LandmarkLocator, th: QCThresholds, batch_size: int = 16) -> list[dict]:
     """QC rows (:data:`QC_SCHEMA`) for edit manifest rows; sources are compared at the edit's resolution."""

@@ -191,7 +191,7 @@ def read_back(shard: Path) -> list[dict[str, bytes]]:
     return list(samples.values())
 
 
-def assemble_samples(qc_rows: Sequence[dict], edit_rows: Sequence[dict], attribute_rows: Sequence[dict],
+def assemble_samples(*, qc_rows: Sequence[dict], edit_rows: Sequence[dict], attribute_rows: Sequence[dict],
                      prompt_rows: Sequence[dict], edit_dir: Callable[[dict], Path], data_root: Path,
                      keep: Callable[[str], bool], test_fraction: float, salt: str, dataset_name: str,
                      provenance: dict, decisions: dict[str, dict] | None = None) -> list[Sample]:

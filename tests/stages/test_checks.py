@@ -90,8 +90,9 @@ def test_score_pairs_and_pass_rates(crops, tiny_zoo):
              for n in images]
     clf = AttributeClassifier(load_attribute_model(tiny_zoo / "farl"), "cpu", torch.float32)
     th = QCThresholds(controllable=DEFAULT_CONTROLLABLE, max_identity_distance=0.6, min_identity_similarity=None)
-    rows = score_pairs(pairs, lambda p: rose, lambda p: cv2.resize(images[p["edit"]], (256, 256)), clf,
-                       DlibScorer(), LandmarkLocator(), th, batch_size=2)
+    rows = score_pairs(pairs, read_source=lambda p: rose,
+                       read_edit=lambda p: cv2.resize(images[p["edit"]], (256, 256)), classifier=clf,
+                       identity=DlibScorer(), locator=LandmarkLocator(), th=th, batch_size=2)
     by = {r["pair_key"]: r for r in rows}
     assert by["k_same"]["pass_identity"] and by["k_same"]["pass_similarity"] and by["k_same"]["ssim"] > 0.95
     assert by["k_rose2"]["pass_identity"]  # the same woman in another photo
