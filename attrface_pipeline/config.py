@@ -86,7 +86,8 @@ class AttributesConfig(_Strict):
     negative_threshold: float = Field(0.4, gt=0, lt=1, description="p below this: attribute absent")
     batch_size: int = Field(32, ge=1)
     device: str = Field("auto", description="'auto' (cuda if available, else cpu) or a torch device string")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU")
 
     @field_validator("controllable")
     @classmethod
@@ -102,7 +103,8 @@ class AttributesConfig(_Strict):
     def _band(self) -> AttributesConfig:
         if self.negative_threshold > self.positive_threshold:
             raise ValueError(
-                f"negative_threshold {self.negative_threshold} must not exceed positive_threshold {self.positive_threshold}"
+                f"negative_threshold {self.negative_threshold} must not exceed positive_threshold "
+                f"{self.positive_threshold}"
             )
         return self
 
@@ -221,10 +223,50 @@ class PublishConfig(_Strict):
     test_fraction: float = Field(0.1, ge=0, le=1, description="share of source photos in the test split")
     workers: int = Field(2, ge=1, description="processes encoding shards in parallel (each shard is independent)")
     split_salt: str = Field("attrface-v1", description="changing it reshuffles the (stable) split")
+    split_by: Literal["identity", "photo"] = Field(
+        "identity", description="identity: one person never on both sides (face_identities + union-find); photo: "
+        "by source photo only")
     review: Literal["required", "optional", "off"] = Field(
         "optional", description="required: only accepted pairs; optional: all but rejected; off: ignore reviews"
     )
-    review_db: Path | None = Field(None, description="SQLite file of review decisions (default <data_root>/review.sqlite)")
+    review_db: Path | None = Field(
+        None, description="SQLite file of review decisions (default <data_root>/review.sqlite)")
+
+
+class BenchmarkSourceConfig(_Strict):
+    paths: list[str] = Field(default_factory=list, description="folders (recursive) or files of images")
+    extensions: list[str] = Field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".webp", ".bmp"])
+
+
+class BenchmarksConfig(_Strict):
+    """Fixed evaluation sets (``build_benchmarks`` job): the same seeds give every user byte-identical LQ images."""
+
+    levels: list[str] = Field(default_factory=lambda: ["train", "partial_ood", "ood"],
+                              description="degradation presets, one LQ per level (training.degradation.PRESETS "
+                                          "or presets_file)")
+    presets_file: Path | None = Field(None, description="YAML of extra degradation presets (name -> fields)")
+    seed: int = 0
+    resolution: int = Field(512, ge=16, description="GT/LQ size of the folder sets (AttrFace pairs keep theirs)")
+    attrface_lq_from: Literal["src", "tar"] = Field("src", description="which GT of a pair the LQ is degraded from")
+    celeba_test: BenchmarkSourceConfig = Field(default_factory=lambda: BenchmarkSourceConfig(
+        paths=[str(PROJECT_ROOT / "data" / "samples" / "aligned_hq")]))
+    real_lq: BenchmarkSourceConfig = Field(default_factory=lambda: BenchmarkSourceConfig(
+        paths=[str(PROJECT_ROOT / "data" / "samples" / "lq_real")]))
+    real_lq_align: Literal["detect", "as_is"] = Field(
+        "detect", description="detect + FFHQ-align every face (detect settings), or take pre-aligned crops as they are")
+    preview_faces: int = Field(6, ge=0)
+
+    @model_validator(mode="after")
+    def _known_levels(self) -> BenchmarksConfig:
+        from training.degradation import PRESETS, load_presets
+
+        known = {**PRESETS, **(load_presets(self.presets_file) if self.presets_file else {})}
+        unknown = [lv for lv in self.levels if lv not in known]
+        if unknown:
+            raise ValueError(f"unknown degradation level(s) {unknown}; known: {sorted(known)}")
+        if len(set(self.levels)) != len(self.levels) or "real" in self.levels:
+            raise ValueError(f"levels must be distinct and not 'real' (the real-LQ set's level): {self.levels}")
+        return self
 
 
 class ModelsConfig(_Strict):
@@ -251,6 +293,7 @@ class PipelineConfig(_Strict):
     edit: EditConfig = Field(default_factory=EditConfig)
     qc: QCConfig = Field(default_factory=QCConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    benchmarks: BenchmarksConfig = Field(default_factory=BenchmarksConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
 
     @field_validator("profile")

@@ -6,12 +6,15 @@ Jobs:
 - ``build_dataset_chunk``: the per-chunk assets for one chosen partition (UI launchpad, backfills, or
   ``--tags '{"dagster/partition": "chunk-00001"}'``); it does not publish.
 - ``publish_dataset``: shards + dataset card from every complete chunk (after chunk backfills).
+- ``build_benchmarks``: the fixed evaluation sets (``attrface_test``, ``celeba_test_levels``, ``real_lq``).
 """
 
 import dagster as dg
 
 from attrface_pipeline.assets.attributes import edit_prompts, face_attributes
+from attrface_pipeline.assets.benchmarks import attrface_test, celeba_test_levels, real_lq
 from attrface_pipeline.assets.edits import edits
+from attrface_pipeline.assets.identity import face_identities
 from attrface_pipeline.assets.ingest import faces, raw_images
 from attrface_pipeline.assets.partitions import SOURCE_PARTITIONS
 from attrface_pipeline.assets.publish import attrface_shards, dataset_card
@@ -20,9 +23,10 @@ from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.run_guard import guarded_executor
 from attrface_pipeline.models.store import check_models
 
-CHUNK_ASSETS = [raw_images, faces, face_attributes, edit_prompts, edits, qc]
+CHUNK_ASSETS = [raw_images, faces, face_identities, face_attributes, edit_prompts, edits, qc]
 PUBLISH_ASSETS = [attrface_shards, dataset_card]
 DATASET_ASSETS = CHUNK_ASSETS + PUBLISH_ASSETS
+BENCHMARK_ASSETS = [attrface_test, celeba_test_levels, real_lq]
 
 
 def _all_chunks_tags() -> dict[str, str]:
@@ -58,9 +62,16 @@ def _preflight(run_config: dict, steps: list[str]) -> None:
     check_models(AttrFaceConfig(**resource).pipeline_config(), steps)
 
 
+build_benchmarks = dg.define_asset_job(
+    "build_benchmarks",
+    selection=BENCHMARK_ASSETS,
+    description="Build the fixed evaluation sets: the AttrFace test split, a folder of aligned HQ faces at each "
+    "degradation level, and real LQ faces (after build_dataset for attrface_test).",
+)
+
 defs = dg.Definitions(
-    assets=DATASET_ASSETS,
-    jobs=[build_dataset, build_dataset_chunk, publish_dataset],
+    assets=DATASET_ASSETS + BENCHMARK_ASSETS,
+    jobs=[build_dataset, build_dataset_chunk, publish_dataset, build_benchmarks],
     resources={"attrface": AttrFaceConfig()},
     executor=guarded_executor(_preflight),
 )

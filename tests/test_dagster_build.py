@@ -1,5 +1,6 @@
 """Integration: the real `dagster job execute` CLI on the shipped sample photos, in a temp DAGSTER_HOME."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -49,11 +50,11 @@ def test_build_dataset_materializes_every_chunk(build):
             assert instance.get_materialized_partitions(dg.AssetKey(asset)) == {"chunk-00000", "chunk-00001"}
         for asset in ("attrface_shards", "dataset_card"):
             assert instance.get_latest_materialization_event(dg.AssetKey(asset)) is not None
-        meta = instance.get_latest_materialization_event(dg.AssetKey("faces")).asset_materialization.metadata
-        attr_meta = instance.get_latest_materialization_event(dg.AssetKey("face_attributes")).asset_materialization.metadata
-        prompt_meta = instance.get_latest_materialization_event(dg.AssetKey("edit_prompts")).asset_materialization.metadata
-        edit_meta = instance.get_latest_materialization_event(dg.AssetKey("edits")).asset_materialization.metadata
-        qc_meta = instance.get_latest_materialization_event(dg.AssetKey("qc")).asset_materialization.metadata
+        def latest(asset):
+            return instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization.metadata
+
+        meta, attr_meta, prompt_meta = latest("faces"), latest("face_attributes"), latest("edit_prompts")
+        edit_meta, qc_meta = latest("edits"), latest("qc")
         checks = {name: instance.event_log_storage.get_latest_asset_check_execution_by_key(
             [dg.AssetCheckKey(dg.AssetKey("qc"), name)]) for name in
             ("attribute_pass_rate", "identity_pass_rate", "similarity_pass_rate", "overall_pass_rate")}
@@ -130,24 +131,68 @@ def test_build_dataset_materializes_every_chunk(build):
         assert meta["provenance"]["editor"] == "tiny/sd3" and "beta" in meta["edit"]["flowedit"]
         assert len(meta["attributes"]["probabilities"]) == 40 and meta["qc"]["pass_identity"]
     assert all(len(splits) == 1 for splits in by_image.values())  # no source photo in both splits
+    identity = stats["identity_split"]  # identity-disjoint: Obama and Rose Leslie appear in two photos each
+    assert identity["faces"] == EXPECTED_FACES and identity["identity_matches"] >= 2
+    assert identity["cross_split_identity_matches"] == 0 and identity["split_groups"] < identity["identity_clusters"]
     card = (pub / "README.md").read_text()
     assert card.startswith("---\n") and "path: train/*.tar" in card and "0.6387" in card
     assert "random" in card and (pub / "attribute_distribution.png").exists()
+    assert "identity-disjoint" in card and "of which 0 cross the split" in card
+
+
+def test_benchmark_sets_materialize_with_previews(build):
+    """build_benchmarks after the build: the test split, the aligned HQ folder and the real LQ photos."""
+    import dagster as dg
+
+    tmp, env, _ = build
+    _execute(env, "-j", "build_benchmarks")
+    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+    try:
+        instance = dg.DagsterInstance.get()
+        meta = {a: instance.get_latest_materialization_event(dg.AssetKey(a)).asset_materialization.metadata
+                for a in ("attrface_test", "celeba_test_levels", "real_lq")}
+    finally:
+        del os.environ["DAGSTER_HOME"]
+    for name in ("attrface_test", "celeba_test_levels"):
+        psnr = meta[name]["mean_psnr_db"].value
+        assert list(psnr) == ["train", "partial_ood", "ood"] and psnr["train"] > psnr["partial_ood"] > psnr["ood"]
+        assert meta[name]["preview"].value.startswith("![GT | train | partial_ood | ood](data:image/png;base64,")
+    assert meta["celeba_test_levels"]["faces"].value == 8 and meta["real_lq"]["faces"].value >= 10
+    test_split = json.loads((tmp / "out" / "attrface_shards" / "_stats.json").read_text())["splits"]["test"]
+    assert meta["attrface_test"]["faces"].value == test_split["samples"]
+    rows = pq.read_table(tmp / "out" / "benchmarks" / "real_lq" / "manifest.parquet").to_pylist()
+    assert {r["level"] for r in rows} == {"real"} and all(r["gt_path"] == "" for r in rows)
+
+
+def _published_digests(pub: Path) -> dict[str, str]:
+    """sha256 of every published shard, index and sizes file (not _stats.json, whose timings differ)."""
+    return {str(f.relative_to(pub)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(pub.rglob("*")) if f.is_file() and f.suffix in (".tar", ".parquet", ".json")
+            and f.name != "_stats.json"}
 
 
 def test_rerun_is_idempotent_and_resumes_a_partial_partition(build):
     tmp, env, _ = build
+    pub = tmp / "out" / "attrface_shards"
+    published_before = _published_digests(pub)
+    assert any(name.endswith(".tar") for name in published_before)
     part = tmp / "out" / "faces" / "chunk-00000"
     manifest_before = (part / "manifest.parquet").read_bytes()
     # Simulate a crash mid-partition: completion marker gone, one image's record not yet written.
     (part / "_stats.json").unlink()
     victim = sorted((part / "records").glob("*.json"))[0]
     victim.unlink()
+    # And a partition recomputed whole by the partition loop.
+    (tmp / "out" / "edit_prompts" / "chunk-00000" / "_stats.json").unlink()
     log = _execute(env, "-j", "build_dataset_chunk", "--tags", json.dumps({"dagster/partition": "chunk-00000"}))
     stats = json.loads((part / "_stats.json").read_text())
     assert stats["images_resumed"] == stats["images"] - 1  # only the missing image was processed again
     assert (part / "manifest.parquet").read_bytes() == manifest_before
     assert "raw_images chunk-00000: complete, reusing" in log
+    assert "edit_prompts chunk-00000: 9 rows in" in log and "edits chunk-00000: complete, reusing" in log
+    # Publishing again from the resumed and recomputed partitions gives the same bytes.
+    _execute(env, "-j", "publish_dataset")
+    assert _published_digests(pub) == published_before
 
 
 def test_blocking_qc_check_stops_downstream(build):

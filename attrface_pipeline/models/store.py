@@ -39,7 +39,7 @@ class ModelStore:
         self.allow_download = allow_download
 
     @classmethod
-    def from_config(cls, cfg: PipelineConfig) -> "ModelStore":
+    def from_config(cls, cfg: PipelineConfig) -> ModelStore:
         return cls(cfg.paths.cache_dir, allow_download=cfg.models.allow_download)
 
     @property
@@ -67,7 +67,9 @@ class ModelStore:
             from attrface_pipeline.models import tiny
 
             name = spec.split("/", 1)[1]
-            return None if name in tiny.GENERATORS else f"unknown tiny model {name!r}; available: {sorted(tiny.GENERATORS)}"
+            if name in tiny.GENERATORS:
+                return None
+            return f"unknown tiny model {name!r}; available: {sorted(tiny.GENERATORS)}"
         if "/" in spec and not spec.startswith((".", "~", "/")) and self.allow_download \
                 and os.environ.get("HF_HUB_OFFLINE") != "1":
             return None  # fetched on first use
@@ -154,7 +156,8 @@ def required_models(cfg: PipelineConfig, steps: Iterable[str]) -> dict[str, str]
     """The ``models.*`` keys (-> specs) the given asset steps will load under this config."""
     steps = set(steps)
     need: dict[str, str] = {}
-    if "faces" in steps and cfg.detect.backend == "insightface":
+    if steps & {"faces", "real_lq"} and cfg.detect.backend == "insightface" and (
+            "faces" in steps or cfg.benchmarks.real_lq_align == "detect"):
         need["insightface_pack"] = cfg.models.insightface_pack
     if steps & {"face_attributes", "qc"}:
         need["farl"] = cfg.models.farl
@@ -162,7 +165,7 @@ def required_models(cfg: PipelineConfig, steps: Iterable[str]) -> dict[str, str]
         need["qwen3"] = cfg.models.qwen3
     if "edits" in steps:
         need["sd3"] = cfg.models.sd3
-    if "qc" in steps and cfg.qc.identity_backend == "arcface":
+    if steps & {"qc", "face_identities"} and cfg.qc.identity_backend == "arcface":
         need["insightface_pack"] = cfg.models.insightface_pack
     return need
 

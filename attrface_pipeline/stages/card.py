@@ -25,7 +25,8 @@ def _size_category(n: int) -> str:
 
 def render_card(*, name: str, splits: dict[str, dict], samples_meta: Sequence[dict], qc_rates: dict[str, float],
                 qc_pairs: int, config_dump: dict, profile: str, chart_file: str | None,
-                gate: Sequence[str] = ("attribute", "identity", "similarity"), review: str = "optional") -> str:
+                gate: Sequence[str] = ("attribute", "identity", "similarity"), review: str = "optional",
+                identity: dict | None = None) -> str:
     total = sum(s["samples"] for s in splits.values())
     front = {
         "pretty_name": name, "license": "other", "task_categories": ["image-to-image"],
@@ -50,8 +51,17 @@ def render_card(*, name: str, splits: dict[str, dict], samples_meta: Sequence[di
     lines += [f"| {k} | {v['samples']} | {len(v['shards'])} | {v['bytes']:,} |" for k, v in splits.items()]
     lines += ["", "Each sample has the same members: `src.jpg`, `tar.jpg` (or `.png`), `json` (attributes, flip,"
               " prompts, every QC score, provenance: model ids, seeds, FlowEdit parameters and β), `src.txt`,"
-              " `tar.txt`. Keys have no dots. The split is by source photo (hash-based and stable), so no face is in"
-              " both.", "", "## Flipped attributes", ""]
+              " `tar.txt`. Keys have no dots."]
+    if identity:
+        lines += ["", f"The split is identity-disjoint: faces are grouped by person ({identity['metric']} threshold"
+                  f" {identity['threshold']} of the QC identity backend) and by source photo, and each group lands in"
+                  f" one split (hash-based and stable). {identity['faces']} faces form {identity['identity_clusters']}"
+                  f" identity clusters and {identity['split_groups']} split groups; {identity['identity_matches']}"
+                  f" identity matches, of which {identity['cross_split_identity_matches']} cross the split."]
+    else:
+        lines += ["", "The split is by source photo (hash-based and stable), so no photo is in both; one person in"
+                  " two photos may be."]
+    lines += ["", "## Flipped attributes", ""]
     if chart_file:
         lines += [f"![attribute distribution]({chart_file})", ""]
     lines += ["| flip | samples |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(flips.items())]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,11 +191,25 @@ def read_back(shard: Path) -> list[dict[str, bytes]]:
     return list(samples.values())
 
 
+def _group(split_group: Mapping[str, str] | None, edit_row: dict) -> str:
+    if split_group is None:
+        return edit_row["image_key"]
+    if edit_row["face_key"] not in split_group:
+        raise KeyError(f"face {edit_row['face_key']} has no identity group; materialize face_identities for its "
+                       f"chunk (or set publish.split_by: photo)")
+    return split_group[edit_row["face_key"]]
+
+
 def assemble_samples(*, qc_rows: Sequence[dict], edit_rows: Sequence[dict], attribute_rows: Sequence[dict],
                      prompt_rows: Sequence[dict], edit_dir: Callable[[dict], Path], data_root: Path,
                      keep: Callable[[str], bool], test_fraction: float, salt: str, dataset_name: str,
-                     provenance: dict, decisions: dict[str, dict] | None = None) -> list[Sample]:
-    """Samples for the pairs that passed QC and the review rule, with everything the .json member carries."""
+                     provenance: dict, decisions: dict[str, dict] | None = None,
+                     split_group: Mapping[str, str] | None = None) -> list[Sample]:
+    """Samples for the pairs that passed QC and the review rule, with everything the .json member carries.
+
+    ``split_group`` maps face keys to the group whose hash picks the split (identity groups); without it a
+    sample's source photo does. A face missing from a given mapping is an error, never a silent fallback.
+    """
     from attrface_pipeline.attributes import CELEBA_ATTRIBUTES
 
     edits = {r["pair_key"]: r for r in edit_rows}
@@ -224,7 +238,7 @@ def assemble_samples(*, qc_rows: Sequence[dict], edit_rows: Sequence[dict], attr
                            "prompt_backend": p["backend"], "prompt_model": p["model_id"]},
         }
         out.append(Sample(
-            key=q["pair_key"], split=split_of(e["image_key"], test_fraction, salt),
+            key=q["pair_key"], split=split_of(_group(split_group, e), test_fraction, salt),
             source_path=data_root / e["source_path"], edit_path=edit_dir(e) / e["edit_path"], meta=meta,
             source_prompt=e["source_prompt"], target_prompt=e["target_prompt"],
         ))
