@@ -5,7 +5,7 @@ export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 # The same defaults the activated venv has (scripts/attrface_env.sh): bare `dagster job execute -j <job>` works.
 ATTRFACE_ENV := . scripts/attrface_env.sh &&
 
-.PHONY: setup setup-vllm demo test test-fast ui bench bench-verbalize bench-flowedit bench-publish bench-degradation review clean
+.PHONY: setup setup-vllm demo test test-fast ui bench bench-verbalize bench-flowedit bench-publish bench-loader bench-degradation review clean
 
 setup:
 	bash scripts/setup.sh
@@ -36,6 +36,9 @@ bench-flowedit:
 
 bench-publish:
 	$(VENV)/bin/python benchmarks/publish_throughput.py
+
+bench-loader:
+	$(VENV)/bin/python benchmarks/loader_throughput.py
 
 bench-degradation:
 	$(VENV)/bin/python benchmarks/degradation_speed.py

@@ -210,3 +210,13 @@ def test_config_is_strict_and_collate_refuses_mixed_sizes():
         LoaderConfig(mode="folder")
     with pytest.raises(ValueError, match="resolution"):
         collate([{"gt": torch.zeros(3, 8, 8)}, {"gt": torch.zeros(3, 16, 16)}])
+
+
+@pytest.mark.timeout(60)
+def test_workers_start_after_the_parent_used_opencv_threads(shard_dir):
+    """Forked workers must not touch the OpenCV thread pool they inherit (cv2.setNumThreads there used to hang)."""
+    big = np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    for _ in range(5):
+        cv2.resize(big, (512, 512), interpolation=cv2.INTER_AREA)
+    for _ in range(2):  # the hang needed an earlier forked DataLoader too
+        assert sum(len(b["key"]) for b in make_loader(_cfg(shard_dir, num_workers=2))) == SHARDS * PER_SHARD
