@@ -10,6 +10,8 @@ with the sample. Images are float CHW in [-1, 1] (the diffusers convention). Bat
             attr_probs_src, attr_probs_tar [B,40] float32; attribute, direction, lq_from, key, degradation lists
     folder: like single, with lq_from 'hq' and prompt = ``LoaderConfig.prompt``
 
+attr_probs_tar is the source's vector with the flipped attribute set to 1.0 (add) or 0.0 (remove); see pair_sample.
+
 Multi-process: shards are split by node (``wds.split_by_node``: env RANK/WORLD_SIZE or torch.distributed) and then
 by DataLoader worker (``wds.split_by_worker``), so without resampling every sample is read once per epoch as long as
 there are at least nodes x workers shards. ``resampled=True`` draws shards with replacement (infinite) and cuts each
@@ -26,7 +28,7 @@ import random
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import cv2
 import numpy as np
@@ -37,13 +39,14 @@ from torch.utils.data import DataLoader, default_collate
 
 from attrface_pipeline.attributes import ADD, CELEBA_ATTRIBUTES, REMOVE
 
+if TYPE_CHECKING:
+    from training.degradation import DegradationPreset
+
 IMAGE_EXTENSIONS = ("jpg", "png", "webp", "jpeg")  # what publish.image_format can write, plus .jpeg
 FOLDER_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 HOW_TO_PUBLISH = ("publish them with the `build_dataset` Dagster job (`make demo` builds the sample dataset into "
                   "data/build/attrface_shards/{train,test}/), or set `shards` to a folder, a brace pattern "
                   "(.../attrface-train-{000000..000009}.tar) or a list of .tar files")
-
-
 _TO_UNIT = (np.arange(256) / 127.5 - 1).astype(np.float32)  # uint8 -> [-1, 1], the diffusers convention
 
 
@@ -153,7 +156,7 @@ def list_images(folder: str | Path) -> list[str]:
     return files
 
 
-def resolve_preset(cfg: LoaderConfig):
+def resolve_preset(cfg: LoaderConfig) -> DegradationPreset:
     """The DegradationPreset the config names, resolved in the main process so a bad name fails before workers."""
     from training.degradation import get_preset, load_presets
 
@@ -161,11 +164,11 @@ def resolve_preset(cfg: LoaderConfig):
     return get_preset(cfg.preset, extra)
 
 
-def _decode(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> HWC uint8 RGB."""
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+def _decode(raw: dict, name: str) -> np.ndarray:
+    """One image member's bytes -> HWC uint8 RGB."""
+    bgr = cv2.imdecode(np.frombuffer(raw[name], np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
-        raise ValueError("undecodable image")
+        raise ShardFormatError(f"{_where(raw)}: member {name} is not a decodable image")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
@@ -233,15 +236,15 @@ def _attribute_targets(raw: dict, meta: dict) -> tuple[int, np.ndarray, np.ndarr
     return index, probs_src, probs_tar, attribute, direction
 
 
-def _lq(gt: np.ndarray, *, preset, seed: int, epoch: int, key: str) -> tuple[torch.Tensor, dict]:
+def _lq(gt: np.ndarray, *, preset: DegradationPreset, seed: int, epoch: int, key: str) -> tuple[torch.Tensor, dict]:
     from training.degradation import degrade
 
     lq, params = degrade(gt, preset, sample_rng(seed=seed, epoch=epoch, key=key))
     return to_tensor(lq), params
 
 
-def pair_sample(raw: dict, *, mode: str, lq_from: str, preset, resolution: int | None, seed: int,
-                epoch: int) -> dict:
+def pair_sample(raw: dict, *, mode: str, lq_from: str, preset: DegradationPreset, resolution: int | None,
+                seed: int, epoch: int) -> dict:
     """One raw WebDataset sample (member bytes) -> one training sample (tensors + prompts + degradation params).
 
     Dual mode's target probabilities are a design decision: FaRL never scored the edit at publish time, so the
@@ -255,11 +258,11 @@ def pair_sample(raw: dict, *, mode: str, lq_from: str, preset, resolution: int |
     else:
         side = lq_from
     if mode == "single":
-        gt = _fit(_decode(raw[_image_name(raw, side)]), resolution)
+        gt = _fit(_decode(raw, _image_name(raw, side)), resolution)
         lq, params = _lq(gt, preset=preset, seed=seed, epoch=epoch, key=key)
         return {"key": key, "gt": to_tensor(gt), "lq": lq, "prompt": raw[f"{side}.txt"].decode(),
                 "lq_from": side, "degradation": params}
-    gts = {s: _fit(_decode(raw[_image_name(raw, s)]), resolution) for s in ("src", "tar")}
+    gts = {s: _fit(_decode(raw, _image_name(raw, s)), resolution) for s in ("src", "tar")}
     # one LQ, from the configured side's GT, shared by both targets: the dual loss restores it to either face
     lq, params = _lq(gts[side], preset=preset, seed=seed, epoch=epoch, key=key)
     index, probs_src, probs_tar, attribute, direction = _attribute_targets(raw, json.loads(raw["json"]))
@@ -270,7 +273,7 @@ def pair_sample(raw: dict, *, mode: str, lq_from: str, preset, resolution: int |
             "lq_from": side, "degradation": params}
 
 
-def folder_sample(item: dict, *, root: str, prompt: str, preset, resolution: int | None, seed: int,
+def folder_sample(item: dict, *, root: str, prompt: str, preset: DegradationPreset, resolution: int | None, seed: int,
                   epoch: int) -> dict:
     """One HQ image file ({'url': path}) -> a single-mode sample (GT, its LQ, the fixed prompt)."""
     from PIL import Image, ImageOps

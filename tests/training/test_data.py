@@ -182,8 +182,11 @@ def test_missing_member_names_shard_key_and_member(shard_dir, metas, tmp_path):
     with wds.TarWriter(str(broken), encoder=False) as writer:
         for key in sorted(metas)[:2]:
             writer.write({k: v for k, v in metas[key].items() if k in {"__key__", "src.jpg", "src.txt", "json"}})
+        writer.write({"__key__": "zzz_garbled", "src.jpg": b"not a jpeg", "src.txt": b"a face."})
     first = sorted(metas)[0]
     assert next(iter(make_loader(_cfg(broken, lq_from="src", batch_size=1, shuffle_buffer=0))))["key"] == [first]
+    with pytest.raises(ShardFormatError, match="sample 'zzz_garbled': member src.jpg is not a decodable image"):
+        list(make_loader(_cfg(broken, lq_from="src", shuffle_buffer=0)))
     with pytest.raises(ShardFormatError, match=rf"attrface-train-000000.tar, sample '{first}' lacks member tar.jpg"):
         next(iter(make_loader(_cfg(broken, mode="dual", shuffle_buffer=0))))
     with pytest.raises(ShardFormatError, match=r"lacks member tar.jpg .*, tar.txt, which mode 'single'"):  # in workers
@@ -220,3 +223,11 @@ def test_workers_start_after_the_parent_used_opencv_threads(shard_dir):
         cv2.resize(big, (512, 512), interpolation=cv2.INTER_AREA)
     for _ in range(2):  # the hang needed an earlier forked DataLoader too
         assert sum(len(b["key"]) for b in make_loader(_cfg(shard_dir, num_workers=2))) == SHARDS * PER_SHARD
+
+
+def test_presets_from_yaml_and_unknown_names_fail_before_workers(shard_dir, tmp_path):
+    (tmp_path / "presets.yaml").write_text("mild:\n  base: train\n  stage2: {jpeg_quality: [90, 95]}\n")
+    b = next(iter(make_loader(_cfg(shard_dir, preset="mild", presets_file=tmp_path / "presets.yaml"))))
+    assert b["degradation"][0]["preset"] == "mild" and b["lq"].shape == (4, 3, SIZE, SIZE)
+    with pytest.raises(KeyError, match="no_such_preset"):
+        make_loader(_cfg(shard_dir, preset="no_such_preset", num_workers=2))
