@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from functools import partial
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]  # printed: on a shared box other jobs' load moves every number
     with tempfile.TemporaryDirectory(prefix="attrface-loader-bench-") as tmp:
         shards = _write_shards(Path(tmp), samples=args.samples, shard_size=args.shard_size)
         tars = resolve_shards(str(shards))
@@ -95,13 +97,15 @@ def main() -> None:
             rows.append({"loader": f"{mode} + degrade({args.preset})", "samples_per_s": round(rate, 1),
                          "ratio": round(rate / raw_rate, 4)})
     print(f"{args.samples} samples of 512 px jpg pairs in {len(tars)} shards "
-          f"({megabytes:.1f} MB); {args.workers} workers, batch {args.batch_size}, best of {args.repeat}")
+          f"({megabytes:.1f} MB); {args.workers} workers, batch {args.batch_size}, best of {args.repeat}; "
+          f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'loader':<28s} {'samples/s':>10s} {'vs raw':>7s}")
     for r in rows:
         print(f"{r['loader']:<28s} {r['samples_per_s']:10.1f} {r['ratio']:7.4f}")
     if args.json:
         args.json.write_text(json.dumps({"samples": args.samples, "workers": args.workers,
                                          "batch_size": args.batch_size, "megabytes": round(megabytes, 1),
+                                         "load_average": [load_before, os.getloadavg()[0]],
                                          "rows": rows}, indent=2))
 
 
