@@ -1,11 +1,11 @@
-# One command each: `make demo` (set up + build the sample dataset), `make test`, `make ui`.
+# One command each: `make demo` (set up + build the sample dataset), `make test`, `make lint`, `make ui`.
 SHELL := /bin/bash
 VENV ?= .venv
 export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 # The same defaults the activated venv has (scripts/attrface_env.sh): bare `dagster job execute -j <job>` works.
 ATTRFACE_ENV := . scripts/attrface_env.sh &&
 
-.PHONY: setup setup-vllm demo test test-fast ui bench bench-verbalize bench-flowedit bench-publish bench-loader bench-degradation review clean
+.PHONY: setup setup-vllm demo lint test test-fast ui bench bench-verbalize bench-flowedit bench-publish bench-loader bench-degradation review clean
 
 setup:
 	bash scripts/setup.sh
@@ -15,6 +15,9 @@ setup-vllm:
 
 demo: setup
 	$(ATTRFACE_ENV) $(VENV)/bin/dagster job execute -j build_dataset
+
+lint:
+	$(VENV)/bin/ruff check .
 
 test:
 	$(VENV)/bin/python -m pytest -q

@@ -40,7 +40,6 @@ def show_config(
     config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
 ) -> None:
     """Print the fully resolved pipeline config as JSON."""
-    from attrface_pipeline.config import load_config
 
     cfg = _config_or_exit(profile, [str(p) for p in config_file] if config_file else None)
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))

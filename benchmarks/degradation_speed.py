@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -56,7 +56,8 @@ def main() -> None:
     base = _measure(baseline, images, args.images)
     rows = []
     for name in args.presets:
-        row = {"preset": name, **_measure(lambda img, seed: degrade_seeded(img, name, seed), images, args.images)}
+        row = {"preset": name,
+               **_measure(lambda img, seed, name=name: degrade_seeded(img, name, seed), images, args.images)}
         row["ratio_to_resize"] = round(row["img_s_core"] / base["img_s_core"], 4)
         rows.append(row)
     print(f"{args.images} images per preset, {args.size} px, {len(photos)} sample photos, cv2 threads 1; "

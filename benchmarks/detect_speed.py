@@ -73,7 +73,8 @@ def main() -> None:
         print(f"{name:34s} {r['images_per_s']:7.2f} {r['faces_per_s']:8.2f} {r['seconds_per_image']:7.3f} "
               f"{r['time_ratio_to_baseline']:11.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "rows": rows}, indent=2))
+        machine = platform.processor() or platform.machine()
+        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -67,8 +67,8 @@ def main() -> None:
         dd_mb_s = round(max(int(mb), 1) / (time.perf_counter() - t0), 1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{args.samples} samples of 512 px {args.format} pairs -> {rows[0]['shards']} shards, {rows[0]['megabytes']} MB;"
-          f" dd (same disk, fsync): {dd_mb_s} MB/s")
+    print(f"{args.samples} samples of 512 px {args.format} pairs -> {rows[0]['shards']} shards, "
+          f"{rows[0]['megabytes']} MB; dd (same disk, fsync): {dd_mb_s} MB/s")
     print(f"{'workers':>7s} {'MB/s':>7s} {'samples/s':>10s} {'vs dd':>7s}")
     for r in rows:
         r["ratio_to_dd"] = round(r["mb_s"] / dd_mb_s, 4)

@@ -29,7 +29,8 @@ from attrface_pipeline.stages.verbalize import (RequestCache, RetryPolicy, Templ
 
 
 def make_requests(n: int, k: int, data_root: Path) -> tuple[list[VerbalizeRequest], str]:
-    rows = [r for f in sorted(data_root.glob("face_attributes/*/manifest.parquet")) for r in pq.read_table(f).to_pylist()]
+    manifests = sorted(data_root.glob("face_attributes/*/manifest.parquet"))
+    rows = [r for f in manifests for r in pq.read_table(f).to_pylist()]
     if rows:
         base = build_requests(rows, list(DEFAULT_CONTROLLABLE), 0.6, 0.4, "sample", k, 0)
         base = [r for r in base if r.flips]
@@ -40,7 +41,8 @@ def make_requests(n: int, k: int, data_root: Path) -> tuple[list[VerbalizeReques
     reqs = []
     for i in range(n):
         states = {a: rng.choice(["positive", "negative"]) for a in rng.sample(DEFAULT_CONTROLLABLE, 6)}
-        reqs.append(VerbalizeRequest(f"r{i}", states, choose_flips(flippable(states, DEFAULT_CONTROLLABLE), "sample", k, 0, f"r{i}")))
+        flips = choose_flips(flippable(states, DEFAULT_CONTROLLABLE), "sample", k, 0, f"r{i}")
+        reqs.append(VerbalizeRequest(f"r{i}", states, flips))
     return reqs, "seeded random attribute states"
 
 
@@ -91,7 +93,8 @@ def main() -> None:
             server.stop()
     base = next(r for r in rows if r["backend"] == "vllm")
     print(f"{len(requests)} faces ({origin}), k={args.k} targets each, model {args.model} at {base_url}")
-    print(f"{'backend':10s} {'conc':>5s} {'prompts/s':>10s} {'faces/s':>8s} {'seconds':>8s} {'fallbacks':>9s} {'vs conc 1':>9s}")
+    print(f"{'backend':10s} {'conc':>5s} {'prompts/s':>10s} {'faces/s':>8s} {'seconds':>8s} {'fallbacks':>9s} "
+          f"{'vs conc 1':>9s}")
     for r in rows:
         ratio = f"{r['prompts_per_s'] / base['prompts_per_s']:.2f}x" if r["backend"] == "vllm" else ""
         print(f"{r['backend']:10s} {r['concurrency']:5d} {r['prompts_per_s']:10.2f} {r['faces_per_s']:8.2f} "

@@ -8,7 +8,6 @@ import time
 
 import cv2
 import httpx
-import pyarrow as pa
 import pytest
 
 from attrface_pipeline.images import encode_image, read_rgb
@@ -162,13 +161,15 @@ def test_cross_site_writes_are_refused(data_root, tmp_path):
     body = '{"pair_key": "face0_00_Smiling_add", "decision": "accept", "reviewer": "x"}'
     try:
         # what a malicious page can send without a CORS preflight
-        assert httpx.post(url + "api/decisions", content=body, headers={"Content-Type": "text/plain"}).status_code == 415
+        plain = httpx.post(url + "api/decisions", content=body, headers={"Content-Type": "text/plain"})
+        assert plain.status_code == 415
         evil = httpx.post(url + "api/decisions", content=body,
                           headers={"Content-Type": "application/json", "Origin": "http://evil.example"})
         assert evil.status_code == 403
         rebound = httpx.get(url + "api/pairs", headers={"Host": "evil.example"})
         assert rebound.status_code == 400  # DNS rebinding: unknown Host
-        assert httpx.post(url + "api/decisions", content="[1]", headers={"Content-Type": "application/json"}).status_code == 400
+        not_a_list = httpx.post(url + "api/decisions", content="[1]", headers={"Content-Type": "application/json"})
+        assert not_a_list.status_code == 400
     finally:
         server.should_exit = True
     assert ReviewStore(tmp_path / "db.sqlite").decisions() == {}

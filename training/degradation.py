@@ -50,10 +50,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import cv2
 import numpy as np

@@ -58,7 +58,8 @@ def edits(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.Mat
     for store, r in all_rows[:8]:
         source = read_rgb(root / r["source_path"])
         tiles += [source, read_rgb(store.path(r["edit_path"]))]
-        captions.append({"pair": r["pair_key"], "source_prompt": r["source_prompt"], "target_prompt": r["target_prompt"]})
+        captions.append({"pair": r["pair_key"], "source_prompt": r["source_prompt"],
+                         "target_prompt": r["target_prompt"]})
     metadata = {
         "pairs": len(all_rows),
         "pairs_edited": edited,

@@ -8,8 +8,8 @@ outputs are meaningless, shapes and formats are real. Sizes follow ENVIRONMENT.m
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -219,7 +219,8 @@ def make_sd2_controlnet(out: Path) -> None:
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, prediction_type="epsilon")
     pipe = StableDiffusionControlNetPipeline(
-        vae=_vae(4, scaling_factor=0.18215, shift_factor=None, quant_conv=True), text_encoder=_clip_text(clip_tok, 32, None),
+        vae=_vae(4, scaling_factor=0.18215, shift_factor=None, quant_conv=True),
+        text_encoder=_clip_text(clip_tok, 32, None),
         tokenizer=clip_tok, unet=unet, controlnet=controlnet, scheduler=scheduler, safety_checker=None,
         feature_extractor=processor, image_encoder=vision, requires_safety_checker=False,
     )
@@ -325,6 +326,6 @@ def generate(name: str, out: str | Path) -> Path:
         raise ValueError(f"unknown tiny model {name!r}; choose from {sorted(GENERATORS)}") from None
     out.mkdir(parents=True, exist_ok=True)
     generator(out)
-    (out / DONE_MARKER).write_text(json.dumps({"name": name, "seed": SEED, "version": ZOO_VERSION, "torch": torch.__version__},
-                                               indent=2))
+    marker = {"name": name, "seed": SEED, "version": ZOO_VERSION, "torch": torch.__version__}
+    (out / DONE_MARKER).write_text(json.dumps(marker, indent=2))
     return out

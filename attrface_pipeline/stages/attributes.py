@@ -54,7 +54,8 @@ class AttributeClassifier:
         out = np.zeros((len(crops), len(CELEBA_ATTRIBUTES)), np.float32)
         for start in range(0, len(crops), self.batch_size):
             stop = start + self.batch_size
-            batch = np.stack([farl_input(c, lm, self.input_size) for c, lm in zip(crops[start:stop], landmarks5[start:stop])])
+            batch = np.stack([farl_input(c, lm, self.input_size)
+                              for c, lm in zip(crops[start:stop], landmarks5[start:stop])])
             x = torch.from_numpy(batch).to(self.device, self.dtype)
             out[start:stop] = self.model(x).float().cpu().numpy()
         return out

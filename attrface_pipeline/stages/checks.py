@@ -173,7 +173,7 @@ def attribute_check(p_source: Sequence[float], p_edit: Sequence[float], attribut
     }
 
 
-# --- one pass over a partition's pairs ----------------------------------------------------------------------------------
+# --- one pass over a partition's pairs --------------------------------------------------------------------------------
 QC_SCHEMA = pa.schema(
     [
         ("pair_key", pa.string()),

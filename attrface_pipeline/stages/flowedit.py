@@ -72,6 +72,11 @@ class FlowEditParams:
         return out
 
 
+def _maps_tensor(maps: np.ndarray | None) -> torch.Tensor | None:
+    """(B, h, w) maps as a (B, 1, h, w) float32 tensor, or None."""
+    return None if maps is None else torch.as_tensor(np.asarray(maps), dtype=torch.float32)[:, None]
+
+
 def guided(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
@@ -227,8 +232,9 @@ class FlowEditor:
         x = ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return list(x)
 
-    # -- the model's velocity --------------------------------------------------------------------------------------------
-    def velocity(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    # -- the model's velocity ------------------------------------------------------------------------------------------
+    def velocity(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+                 pooled: torch.Tensor) -> torch.Tensor:
         self.transformer_calls += 1
         return self.pipe.transformer(
             hidden_states=latents.to(self.dtype), timestep=t.expand(latents.shape[0]).to(self.device),
@@ -266,8 +272,8 @@ class FlowEditor:
         t0 = time.perf_counter()
         x_src = self.encode_images(images)
         t1 = time.perf_counter()
-        as_tensor = (lambda m: None if m is None else torch.as_tensor(np.asarray(m), dtype=torch.float32)[:, None])
-        z = self.edit_latents(x_src, src_prompts, tar_prompts, params, seeds, as_tensor(beta_maps), as_tensor(edit_masks))
+        z = self.edit_latents(x_src, src_prompts, tar_prompts, params, seeds, _maps_tensor(beta_maps),
+                              _maps_tensor(edit_masks))
         t2 = time.perf_counter()
         out = self.decode_latents(z)
         timing.encode_s, timing.edit_s, timing.decode_s = t1 - t0, t2 - t1, time.perf_counter() - t2

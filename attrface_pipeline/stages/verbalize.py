@@ -292,7 +292,7 @@ def parse_answer(text: str, request: VerbalizeRequest) -> PromptSet:
     return prompts
 
 
-# --- backends -----------------------------------------------------------------------------------------------------------
+# --- backends ---------------------------------------------------------------------------------------------------------
 class Verbalizer(Protocol):
     name: str
     model_id: str
@@ -447,7 +447,8 @@ class VllmVerbalizer(_LLMVerbalizer):
         try:
             served = self.served_models()
         except (httpx.HTTPError, ValueError) as err:
-            log.warning("vLLM server at %s not reachable (%s); every face will retry, then fall back", self.base_url, err)
+            log.warning("vLLM server at %s not reachable (%s); every face will retry, then fall back",
+                        self.base_url, err)
             return None
         if not self.model_id:
             if not served:

@@ -27,7 +27,8 @@ def test_states_pick_the_named_columns():
     probs[0, CELEBA_ATTRIBUTES.index("Smiling")] = 0.9
     probs[1, CELEBA_ATTRIBUTES.index("Eyeglasses")] = 0.1
     states = attribute_states(probs, ["Smiling", "Eyeglasses"])
-    assert states == [{"Smiling": "positive", "Eyeglasses": "unknown"}, {"Smiling": "unknown", "Eyeglasses": "negative"}]
+    assert states == [{"Smiling": "positive", "Eyeglasses": "unknown"},
+                      {"Smiling": "unknown", "Eyeglasses": "negative"}]
 
 
 def test_config_validates_attributes():
@@ -69,7 +70,8 @@ def test_classify_faces_rows(tiny_zoo, samples):
     lm = template_points("ffhq", 512).reshape(-1).tolist()
     rows = [{"face_key": f"k{i}_00", "image_key": f"k{i}", "status": "ok", "aligned_path": str(p),
              "aligned_landmarks5": lm} for i, p in enumerate(paths)]
-    rows.append({"face_key": "x_00", "image_key": "x", "status": "rejected", "aligned_path": "", "aligned_landmarks5": None})
+    rows.append({"face_key": "x_00", "image_key": "x", "status": "rejected", "aligned_path": "",
+                 "aligned_landmarks5": None})
     out = classify_faces(rows, lambda rel: read_rgb(rel)[:512, :512], clf, ["Smiling", "Bald"], 0.6, 0.4, "tiny/farl")
     assert [r["face_key"] for r in out] == ["k0_00", "k1_00", "k2_00"]
     assert all(len(r["probabilities"]) == 40 and set(json.loads(r["states"])) == {"Smiling", "Bald"} for r in out)

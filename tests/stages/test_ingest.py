@@ -408,7 +408,7 @@ def test_odd_files_are_listed_and_quarantined_not_dropped(tmp_path, samples):
         assert (rec.reason, rec.status) == (reason, "quarantined" if reason else "ok"), (name, rec)
         assert rec.detail if reason else not rec.detail
         if reason not in ("", "duplicate"):
-            _in_thread(lambda: assert_accounted_for(src / name, LIMITS))  # load_rgb: the same verdict
+            _in_thread(lambda name=name: assert_accounted_for(src / name, LIMITS))  # load_rgb: the same verdict
     assert "gone.jpg" in by_name["dangling.jpg"].detail and "loop" in by_name["loop_a.jpg"].detail
     assert "FIFO" in by_name["pipe.jpg"].detail and "directory" in by_name["folder.jpg"].detail
     sock.close()

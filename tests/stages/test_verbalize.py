@@ -78,7 +78,8 @@ def test_choose_flips_samples_k_balanced_and_reproducible():
 def test_build_requests_uses_known_states_and_context():
     probs = [0.5] * 40
     probs[20] = 0.9  # Male
-    rows = [{"face_key": "a_00", "states": json.dumps({"Smiling": "positive", "Bald": "unknown"}), "probabilities": probs}]
+    rows = [{"face_key": "a_00", "states": json.dumps({"Smiling": "positive", "Bald": "unknown"}),
+             "probabilities": probs}]
     (req,) = build_requests(rows, ["Smiling", "Bald"], 0.6, 0.4, "all", 2, 0)
     assert req.states == {"Smiling": "positive", "Male": "positive"}
     assert req.flips == (("Smiling", "remove"),)
@@ -120,7 +121,8 @@ def test_parse_answer_rejects(text, why):
 def test_response_schema_pins_the_requested_flips():
     schema = response_schema(REQ)
     items = schema["properties"]["targets"]["prefixItems"]
-    assert [(i["properties"]["attribute"]["const"], i["properties"]["direction"]["const"]) for i in items] == list(REQ.flips)
+    pinned = [(i["properties"]["attribute"]["const"], i["properties"]["direction"]["const"]) for i in items]
+    assert pinned == list(REQ.flips)
     assert schema["properties"]["targets"]["items"] is False
 
 

@@ -64,8 +64,8 @@ def test_attrface_items_read_pairs_and_swap_for_tar(tmp_path):
         for i, (src, tar) in enumerate([(faces[0], faces[1]), (faces[1], faces[0])]):
             enc = lambda x: cv2.imencode(".png", x[..., ::-1])[1].tobytes()  # noqa: E731
             meta = {"edit": {"attribute": "Smiling", "direction": "add"}}
-            writer.write({"__key__": f"k{i}", "src.png": enc(src), "tar.png": enc(tar), "json": json.dumps(meta).encode(),
-                          "src.txt": b"a face", "tar.txt": b"a smiling face"})
+            writer.write({"__key__": f"k{i}", "src.png": enc(src), "tar.png": enc(tar),
+                          "json": json.dumps(meta).encode(), "src.txt": b"a face", "tar.txt": b"a smiling face"})
         writer.close()
     items = list(bs.attrface_items(shard_dir))
     assert [i.key for i in items] == ["k0", "k1"] and np.array_equal(items[0].gt, faces[0])
