@@ -155,7 +155,8 @@ def test_benchmark_sets_materialize_with_previews(build):
         del os.environ["DAGSTER_HOME"]
     for name in ("attrface_test", "celeba_test_levels"):
         psnr = meta[name]["mean_psnr_db"].value
-        assert list(psnr) == ["train", "partial_ood", "ood"] and psnr["train"] > psnr["partial_ood"] > psnr["ood"]
+        # Dagster stores JSON metadata with sorted keys: compare values in level order, not key order.
+        assert set(psnr) == {"train", "partial_ood", "ood"} and psnr["train"] > psnr["partial_ood"] > psnr["ood"]
         assert meta[name]["preview"].value.startswith("![GT | train | partial_ood | ood](data:image/png;base64,")
     assert meta["celeba_test_levels"]["faces"].value == 8 and meta["real_lq"]["faces"].value >= 10
     test_split = json.loads((tmp / "out" / "attrface_shards" / "_stats.json").read_text())["splits"]["test"]
