@@ -88,12 +88,10 @@ def group_faces(face_keys: Sequence[str], image_keys: Sequence[str], embeddings:
     if not (len(image_keys) == n == len(embeddings)):
         raise ValueError(f"{n} face keys, {len(image_keys)} image keys and {len(embeddings)} embeddings differ")
     edges = identity_edges(embeddings, metric=metric, threshold=threshold) if n else []
-    people = UnionFind(n)
-    for i, j in edges:
-        people.union(i, j)
     groups = UnionFind(n)
     for i, j in edges:
         groups.union(i, j)
+    identity_clusters = len({groups.find(i) for i in range(n)})  # before photo links join different people
     first_of_image: dict[str, int] = {}
     for i, image in enumerate(image_keys):
         groups.union(i, first_of_image.setdefault(image, i))
@@ -103,7 +101,7 @@ def group_faces(face_keys: Sequence[str], image_keys: Sequence[str], embeddings:
         smallest[root] = min(smallest.get(root, image), image)
     return SplitGroups(
         group_of={face_keys[i]: smallest[groups.find(i)] for i in range(n)},
-        identity_clusters=len({people.find(i) for i in range(n)}),
+        identity_clusters=identity_clusters,
         groups=len(smallest),
         edges=tuple(edges),
     )

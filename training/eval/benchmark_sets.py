@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,18 +147,15 @@ def attrface_items(shard_dir: Path, *, lq_from: str = "src") -> Iterator[BenchIt
     shards = sorted(Path(shard_dir).glob("*.tar"))
     if not shards:
         raise FileNotFoundError(f"no shards (*.tar) in {shard_dir}; publish the dataset first (job build_dataset)")
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in shards:
-        with tarfile.open(shard) as tf:
-            for member in tf.getmembers():
-                key, _, suffix = member.name.partition(".")
-                samples.setdefault(key, {"__shard__": shard.name.encode()})[suffix] = tf.extractfile(member).read()
+    from attrface_pipeline.stages.shards import read_back
+
+    samples = {m["__key__"]: (shard.name, m) for shard in shards for m in read_back(shard)}
     for key in sorted(samples):
-        members = samples[key]
+        shard_name, members = samples[key]
         image_ext = next((e for e in ("jpg", "png", "webp") if f"src.{e}" in members), None)
         missing = [m for m in ("json", "src.txt", "tar.txt") if m not in members]
         if image_ext is None or f"tar.{image_ext}" not in members or missing:
-            raise ValueError(f"sample {key} in {members['__shard__'].decode()} lacks members "
+            raise ValueError(f"sample {key} in {shard_name} lacks members "
                              f"{missing or ['src/tar image']}; is {shard_dir} an AttrFace shard folder?")
         meta = json.loads(members["json"])
         src, tar = _decode(members[f"src.{image_ext}"]), _decode(members[f"tar.{image_ext}"])
@@ -170,7 +166,7 @@ def attrface_items(shard_dir: Path, *, lq_from: str = "src") -> Iterator[BenchIt
             raise ValueError(f"lq_from must be 'src' or 'tar', got {lq_from!r}")
         yield BenchItem(key=key, gt=src, tar=tar, source_prompt=src_prompt, target_prompt=tar_prompt,
                         attribute=meta["edit"]["attribute"], direction=meta["edit"]["direction"],
-                        origin=f"{members['__shard__'].decode()}:{key}")
+                        origin=f"{shard_name}:{key}")
 
 
 def list_images(paths: Sequence[str | Path], extensions: Sequence[str]) -> list[Path]:
