@@ -121,7 +121,7 @@ def identity_split(rows: Sequence[dict], *, metric: str, threshold: float,
     matches that cross the split (0 by construction; measured, not assumed).
     """
     keys = [r["face_key"] for r in rows]
-    emb = np.asarray([r["embedding"] for r in rows], np.float64).reshape(len(rows), -1)
+    emb = np.asarray([r["embedding"] for r in rows], np.float64).reshape(len(rows), -1) if rows else np.zeros((0, 0))
     groups = group_faces(keys, [r["image_key"] for r in rows], emb, metric=metric, threshold=threshold)
     split = {k: split_of_group(groups.group_of[k]) for k in keys}
     report = {"faces": len(keys), "identity_clusters": groups.identity_clusters, "split_groups": groups.groups,
