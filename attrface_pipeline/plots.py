@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -51,6 +52,40 @@ def histograms_png(series: dict[str, Sequence[float]], thresholds: dict[str, flo
             ax.axvline(threshold, color="#e63946", linestyle="--", linewidth=1)
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _ema(values: Sequence[float], smoothing: float) -> list[float]:
+    """Bias-corrected exponential moving average (TensorBoard's smoothing): starts at the first value, not at 0."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = smoothing * avg + (1 - smoothing) * v
+        out.append(avg / (1 - smoothing**i))
+    return out
+
+
+def loss_curve_png(rows: Sequence[dict], keys: Sequence[str] = ("loss",), title: str = "training loss",
+                   smoothing: float = 0.9) -> bytes:
+    """One panel per key: ``row[key]`` against ``row["step"]``, raw points faint and an EMA line over them."""
+    keys = list(keys) or ["loss"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 2.8), dpi=100, squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(float(r["step"]), float(r[key])) for r in rows
+                  if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, ".", color="#457b9d", alpha=0.25, markersize=3)
+            ax.plot(steps, _ema(values, smoothing), color="#e63946", linewidth=1.5, label=f"EMA {smoothing}")
+            ax.legend(fontsize=7, loc="upper right")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()

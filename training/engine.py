@@ -1,0 +1,630 @@
+"""The training loop both models share: accelerate for devices and precision, checkpoints that resume exactly.
+
+A trainer supplies a model (only its ``requires_grad`` parameters are trained), ``loader_factory(epoch)`` (the
+batches of one epoch, the same every time it is asked for that epoch), ``step_fn(model, batch) -> {"loss": ...}``
+and ``save_fn(model, folder)`` (the deliverable weights, e.g. a LoRA in the diffusers format). :class:`Trainer`
+does the rest the way the diffusers training examples do, as an importable object instead of a script:
+
+    <output_dir>/losses.jsonl                       one JSON row per logged optimizer step
+    <output_dir>/checkpoints/checkpoint-000500/     trainable.safetensors, optimizer.pt, rng.pt, trainer_state.json,
+                                                    config.json and whatever save_fn writes (a usable deliverable)
+    <output_dir>/checkpoints/latest                 the name of the newest complete checkpoint
+    <output_dir>/final/                             save_fn's files + config.json + trainer_state.json
+    <output_dir>/loss_curve.png
+
+Exact resume: a checkpoint holds the trainable weights, the optimizer state (Prodigy's ``d`` lives in its param
+groups), every process's python/numpy/torch/CUDA RNG states, and (epoch, batches consumed in that epoch). Resuming
+rebuilds that epoch's loader, skips the consumed batches, then restores the RNG states, so on CPU in fp32 an
+interrupted run reproduces the uninterrupted one bit for bit. This needs loaders that are deterministic per epoch
+whatever the global RNG (``training.data.make_loader`` derives every random choice from (seed, epoch, key)).
+
+A checkpoint is written into a hidden temp folder and renamed into place; ``latest`` is updated after the rename
+and older checkpoints are pruned only then, so a crash at any moment leaves the previous checkpoint usable.
+Only the main process writes files; ``save_fn`` and ``on_checkpoint`` run there, on the unwrapped model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from attrface_pipeline.storage import atomic_write_bytes, atomic_write_json
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+LOSSES_FILE = "losses.jsonl"
+LOSS_CURVE_FILE = "loss_curve.png"
+FINAL_DIR = "final"
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCALER_FILE = "scaler.pt"  # fp16 only: the GradScaler's loss scale
+RNG_FILE = "rng.pt"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
+# Settings/config keys (matched on the last dotted part) that may change between a checkpoint and its resumption:
+# they change how long or how visibly a run goes, not what it computes.
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "resume", "overwrite",
+    "attention_backend", "gradient_checkpointing",
+})
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint to resume from is missing, incomplete or unreadable (the message names the path)."""
+
+
+class ResumeMismatchError(ValueError):
+    """The run's settings or config differ from the checkpoint's in keys that change what training computes."""
+
+
+class OutputDirInUseError(FileExistsError):
+    """``resume=None`` on an output folder that already holds checkpoints, without ``overwrite``."""
+
+
+class TrainSettings(BaseModel):
+    """How the loop runs: length, checkpoints, precision, optimizer. Recorded in every checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: str  # the run folder
+    max_steps: int = Field(ge=0)  # optimizer steps
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)  # older checkpoint-* folders are deleted once a new one is complete
+    log_every: int = Field(1, ge=1)
+    grad_clip: float | None = Field(0.5, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_checkpointing: bool = True  # recorded here; the model code reads it
+    seed: int = 0
+    # "latest": resume if a checkpoint exists, else start; a checkpoint folder; None: start fresh (refused when
+    # output_dir already has checkpoints, unless overwrite).
+    resume: str | None = "latest"
+    overwrite: bool = False
+    optimizer: Literal["prodigy", "adamw"] = "prodigy"
+    lr: float = Field(1.0, gt=0)  # Prodigy's multiplier on its own estimate (1.0); AdamW's learning rate
+    weight_decay: float = Field(0.01, ge=0)
+    attention_backend: Literal["auto", "math", "flash", "efficient", "cudnn"] = "auto"
+
+
+@dataclass
+class TrainResult:
+    step: int
+    output_dir: Path
+    final_dir: Path
+    losses_path: Path
+    seconds_per_step: float  # mean wall time of the optimizer steps run by this fit() (data loading included)
+    resumed_from: int | None  # the checkpoint step this fit() started from; None for a fresh start
+    loss_curve_path: Path | None = None
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], settings: TrainSettings
+                    ) -> torch.optim.Optimizer:
+    """Prodigy (REFERENCE.md A²BFR: bias correction, safeguard warm-up, weight decay) or AdamW over ``params``."""
+    params = list(params)
+    if not params:
+        raise ValueError("no trainable parameters: set requires_grad on the parameters to train (e.g. the LoRA)")
+    if settings.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        with contextlib.redirect_stdout(io.StringIO()):  # Prodigy prints "Using decoupled weight decay"
+            return Prodigy(params, lr=settings.lr, weight_decay=settings.weight_decay, use_bias_correction=True,
+                           safeguard_warmup=True)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def set_attention_backend(name: str) -> None:
+    """Choose PyTorch's scaled-dot-product-attention kernels for this process (CUDA only; a no-op on CPU).
+
+    "auto" enables flash, memory-efficient and math attention but not cuDNN attention: on an H100 the backward of a
+    FLUX-sized transformer under gradient checkpointing died with "CUDA error: an illegal memory access" with cuDNN
+    attention on, twice, and ran with it off (docs ENVIRONMENT.md, GPU machines). "cudnn" allows all four again;
+    "math" / "flash" / "efficient" enable only that kernel (for debugging and for comparing numerics).
+    """
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if not torch.cuda.is_available():
+        return
+    cuda = torch.backends.cuda
+    only = {"math": "math", "flash": "flash", "efficient": "efficient"}.get(name)
+    cuda.enable_math_sdp(only in (None, "math"))
+    cuda.enable_flash_sdp(only in (None, "flash"))
+    cuda.enable_mem_efficient_sdp(only in (None, "efficient"))
+    cuda.enable_cudnn_sdp(name == "cudnn")
+
+
+# RNG states
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # numpy's key as a tensor, so rng.pt loads with weights_only=True
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@contextlib.contextmanager
+def _preserved_rng() -> Iterator[None]:
+    """Hooks (a sample grid at a checkpoint) must not shift the training RNG, or a resumed run would diverge."""
+    state = _rng_state()
+    try:
+        yield
+    finally:
+        _set_rng_state(state)
+
+
+# Checkpoint folders
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """The complete ``checkpoint-N`` folders of a run, sorted by step (temp folders are never listed)."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _CHECKPOINT_RE.match(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_resume_checkpoint(settings: TrainSettings) -> Path | None:
+    """The checkpoint ``settings.resume`` points at (None: start fresh); raises :class:`CheckpointError` if gone."""
+    if settings.resume is None:
+        return None
+    if settings.resume != "latest":
+        path = Path(settings.resume)
+        if not (path / STATE_FILE).is_file():
+            raise CheckpointError(f"resume={settings.resume!r}: {path} is not a checkpoint folder (no {STATE_FILE}); "
+                                  f"point resume at a checkpoint-N folder, 'latest', or None to start fresh")
+        return path
+    root = Path(settings.output_dir) / CHECKPOINTS_DIR
+    latest = root / LATEST_FILE
+    if latest.is_file():
+        path = root / latest.read_text().strip()
+        if not (path / STATE_FILE).is_file():
+            raise CheckpointError(f"{latest} names {path}, which is missing or incomplete (no {STATE_FILE}); "
+                                  f"set resume to another checkpoint folder, or resume=None with overwrite=True")
+        return path
+    found = list_checkpoints(settings.output_dir)  # a crash between the rename and writing `latest`
+    return found[-1][1] if found else None
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: value}
+
+
+def _json_normal(value: Any) -> Any:
+    """What ``value`` reads back as from JSON (tuples become lists, paths strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def config_differences(saved: dict, current: dict, *, allowed: Iterable[str] = RESUMABLE_CHANGES) -> list[str]:
+    """Keys (dotted) whose values differ between two config trees, except keys whose last part is ``allowed``."""
+    allowed = set(allowed)
+    a, b = _flatten(_json_normal(saved)), _flatten(_json_normal(current))
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in allowed or key.rsplit(".", 1)[-1] in allowed:
+            continue
+        old = repr(a[key]) if key in a else "<absent>"
+        new = repr(b[key]) if key in b else "<absent>"
+        if key not in a or key not in b or a[key] != b[key]:
+            diffs.append(f"{key}: {old} in the checkpoint, {new} now")
+    return diffs
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        int(state["step"]), int(state["epoch"]), int(state["batches_into_epoch"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / STATE_FILE} is unreadable ({type(e).__name__}: {e}); resume from another "
+                              f"checkpoint folder (resume=<path>) or start over (resume=None, overwrite=True)") from e
+    return state
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for dist in ("torch", "accelerate", "prodigyopt", "diffusers", "peft", "transformers"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _scalar(value: torch.Tensor | float) -> float:
+    return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def read_losses(path: str | Path) -> list[dict]:
+    """The rows of a ``losses.jsonl`` (a torn last line from a killed process is skipped)."""
+    rows = []
+    path = Path(path)
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return rows
+
+
+def _truncate_losses(path: Path, step: int) -> None:
+    """Keep rows up to ``step``: a resumed run re-logs the steps after its checkpoint, so no step appears twice."""
+    if path.exists():
+        kept = [json.dumps(r) for r in read_losses(path) if r.get("step", 0) <= step]
+        atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
+
+
+class Trainer:
+    """One training run over ``settings``; :meth:`fit` starts it or resumes it (``settings.resume``)."""
+
+    def __init__(self, settings: TrainSettings, *, model: torch.nn.Module,
+                 loader_factory: Callable[[int], Iterable[dict]],
+                 step_fn: Callable[[torch.nn.Module, dict], dict[str, torch.Tensor | float]],
+                 save_fn: Callable[[torch.nn.Module, Path], None],
+                 config: dict,
+                 on_checkpoint: Callable[[int, Path], None] | None = None,
+                 log: Callable[[str], None] = print,
+                 allow_changes: Iterable[str] = ()):
+        self.settings = settings
+        self.model = model
+        self.loader_factory = loader_factory
+        self.step_fn = step_fn
+        self.save_fn = save_fn
+        self.config = config
+        self.on_checkpoint = on_checkpoint
+        self._log = log
+        self.allow_changes = RESUMABLE_CHANGES | set(allow_changes)
+        self.output_dir = Path(settings.output_dir)
+
+    # Set-up
+
+    def _check_resumable(self, path: Path, state: dict) -> None:
+        saved = {"settings": state.get("settings", {}), "config": state.get("config", {})}
+        current = {"settings": self.settings.model_dump(), "config": self.config}
+        diffs = config_differences(saved, current, allowed=self.allow_changes)
+        if diffs:
+            raise ResumeMismatchError(
+                f"cannot resume from {path}: these settings/config keys differ from the checkpoint's and change what "
+                f"training computes:\n  " + "\n  ".join(diffs) + "\nRestore them, train into a new output_dir, or "
+                f"start over here with resume=None, overwrite=True (only {', '.join(sorted(RESUMABLE_CHANGES))} "
+                f"may change on resume)")
+
+    def _start_fresh(self) -> None:
+        """resume=None: refuse a folder with checkpoints unless overwrite; then clear this trainer's own files."""
+        found = list_checkpoints(self.output_dir)
+        if found and not self.settings.overwrite:
+            raise OutputDirInUseError(
+                f"{self.output_dir} already has checkpoints (steps {', '.join(str(s) for s, _ in found[-3:])}) and "
+                f"resume=None: set resume='latest' to continue that run, overwrite=True to start over, or choose "
+                f"another output_dir")
+        if self.settings.overwrite:
+            for name in (CHECKPOINTS_DIR, FINAL_DIR):
+                shutil.rmtree(self.output_dir / name, ignore_errors=True)
+            (self.output_dir / LOSS_CURVE_FILE).unlink(missing_ok=True)
+        (self.output_dir / LOSSES_FILE).unlink(missing_ok=True)
+
+    def _load_checkpoint(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         accelerator: Any) -> dict[str, Any]:
+        """Trainable weights and optimizer state into place; returns this process's RNG state (set later)."""
+        from safetensors.torch import load_file
+
+        for name in (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE):
+            if not (path / name).is_file():
+                raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing; resume from another "
+                                      f"checkpoint folder (resume=<path>) or start over (resume=None, overwrite=True)")
+        try:
+            saved = load_file(path / TRAINABLE_FILE)
+            opt_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+            rng = torch.load(path / RNG_FILE, map_location="cpu", weights_only=True)["processes"]
+            scaler = (torch.load(path / SCALER_FILE, map_location="cpu", weights_only=True)
+                      if (path / SCALER_FILE).is_file() else None)
+        except Exception as e:  # noqa: BLE001 - any reader error means the same thing: this checkpoint is corrupt
+            raise CheckpointError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); resume from another "
+                                  f"checkpoint folder (resume=<path>) or start over (resume=None, overwrite=True)"
+                                  ) from e
+        params = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path / TRAINABLE_FILE} does not match the model's trainable parameters: missing "
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected "
+                f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)}); the model or its "
+                f"trainable set (e.g. LoRA rank/targets) differs from the run that wrote it")
+        for name, p in params.items():
+            if tuple(saved[name].shape) != tuple(p.shape):
+                raise CheckpointError(f"{path / TRAINABLE_FILE}: {name} has shape {tuple(saved[name].shape)}, the "
+                                      f"model's is {tuple(p.shape)}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+        optimizer.load_state_dict(opt_state)
+        if scaler is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(scaler)
+        index = accelerator.process_index
+        if len(rng) != accelerator.num_processes:
+            self._main_log(accelerator, f"warning: {path} was written by {len(rng)} processes, this run has "
+                                        f"{accelerator.num_processes}; random streams will not continue exactly")
+        return rng[index % len(rng)]
+
+    def _main_log(self, accelerator: Any, message: str) -> None:
+        if accelerator.is_main_process:
+            self._log(message)
+
+    # Writing
+
+    def _state(self, step: int, epoch: int, into: int, accelerator: Any) -> dict:
+        return {"step": step, "epoch": epoch, "batches_into_epoch": into, "config": self.config,
+                "settings": self.settings.model_dump(), "versions": _versions(),
+                "num_processes": accelerator.num_processes, "saved_at": datetime.now(timezone.utc).isoformat()}
+
+    def _write_deliverable(self, folder: Path, model: torch.nn.Module, state: dict) -> None:
+        self.save_fn(model, folder)
+        atomic_write_json(folder / CONFIG_FILE, self.config)
+        atomic_write_json(folder / STATE_FILE, state)  # last: its presence marks the folder complete
+
+    def _save_checkpoint(self, step: int, epoch: int, into: int, model: torch.nn.Module,
+                         optimizer: torch.optim.Optimizer, accelerator: Any) -> Path:
+        from accelerate.utils import gather_object
+        from safetensors.torch import save_file
+
+        root = self.output_dir / CHECKPOINTS_DIR
+        final = root / f"checkpoint-{step:06d}"
+        accelerator.wait_for_everyone()
+        rng = gather_object([_rng_state()])  # every process's streams, collected on all (a collective call)
+        if accelerator.is_main_process:
+            tmp = root / f".tmp-{final.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            unwrapped = accelerator.unwrap_model(model)
+            trainable = {n: p.detach().to("cpu", copy=True).contiguous()
+                         for n, p in unwrapped.named_parameters() if p.requires_grad}
+            save_file(trainable, tmp / TRAINABLE_FILE)
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), tmp / SCALER_FILE)
+            torch.save({"processes": rng}, tmp / RNG_FILE)
+            self._write_deliverable(tmp, unwrapped, self._state(step, epoch, into, accelerator))
+            _fsync_tree(tmp)
+            if final.exists():  # a later timeline's checkpoint of the same step (resumed from an earlier one)
+                old = root / f".old-{final.name}"
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+                shutil.rmtree(old)
+            tmp.rename(final)
+            atomic_write_bytes(root / LATEST_FILE, final.name.encode())
+            self._prune(step)
+            self._log(f"checkpoint {step}: {final}")
+            if self.on_checkpoint is not None:
+                with _preserved_rng():
+                    self.on_checkpoint(step, final)
+                model.train()
+        accelerator.wait_for_everyone()
+        return final
+
+    def _prune(self, step: int) -> None:
+        """Keep the newest ``keep_checkpoints``; drop later steps of an abandoned timeline and crash leftovers."""
+        found = list_checkpoints(self.output_dir)
+        stale = [p for s, p in found if s > step]
+        current = [p for s, p in found if s <= step]
+        for p in stale + current[: -self.settings.keep_checkpoints]:
+            shutil.rmtree(p, ignore_errors=True)
+        for p in (self.output_dir / CHECKPOINTS_DIR).glob(".tmp-checkpoint-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        if stale:
+            self._log(f"removed checkpoints of an abandoned later run: {', '.join(p.name for p in stale)}")
+
+    def _write_final(self, step: int, epoch: int, into: int, model: torch.nn.Module, accelerator: Any,
+                     scalar_keys: list[str]) -> Path | None:
+        from attrface_pipeline.plots import loss_curve_png
+
+        final = self.output_dir / FINAL_DIR
+        accelerator.wait_for_everyone()
+        curve = None
+        if accelerator.is_main_process:
+            tmp = self.output_dir / f".tmp-{FINAL_DIR}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self._write_deliverable(tmp, accelerator.unwrap_model(model), self._state(step, epoch, into, accelerator))
+            _fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            rows = read_losses(self.output_dir / LOSSES_FILE)
+            if rows:
+                keys = [k for k in ("loss", *scalar_keys) if any(k in r for r in rows)]
+                curve = self.output_dir / LOSS_CURVE_FILE
+                atomic_write_bytes(curve, loss_curve_png(rows, keys=keys, title=f"{self.output_dir.name}: "
+                                                                                  f"{step} steps"))
+            self._log(f"final weights: {final}")
+        accelerator.wait_for_everyone()
+        return curve
+
+    # The loop
+
+    def fit(self) -> TrainResult:
+        """Train to ``max_steps`` optimizer steps (resuming per ``settings.resume``); returns where things are."""
+        from accelerate import Accelerator
+        from accelerate.utils import send_to_device, set_seed
+        from tqdm.auto import tqdm
+
+        s = self.settings
+        set_attention_backend(s.attention_backend)
+        accelerator = Accelerator(mixed_precision=s.mixed_precision,
+                                  gradient_accumulation_steps=s.gradient_accumulation_steps)
+        main = accelerator.is_main_process
+        resume_path = find_resume_checkpoint(s)
+        saved_state = None
+        if resume_path is not None:
+            saved_state = _read_state(resume_path)
+            self._check_resumable(resume_path, saved_state)
+        elif main:
+            self._start_fresh()
+        accelerator.wait_for_everyone()
+        set_seed(s.seed, device_specific=True)  # on resume the checkpoint's RNG states replace these streams
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, s)
+        model, optimizer = accelerator.prepare(self.model, optimizer)
+        step = epoch = into = 0
+        pending_rng = None
+        resumed_from = None
+        if resume_path is not None:
+            pending_rng = self._load_checkpoint(resume_path, model, optimizer, accelerator)
+            step, epoch, into = (int(saved_state[k]) for k in ("step", "epoch", "batches_into_epoch"))
+            resumed_from = step
+            self._main_log(accelerator, f"resuming from {resume_path} (step {step}, epoch {epoch}, "
+                                        f"{into} batches into it)")
+        losses_path = self.output_dir / LOSSES_FILE
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            _truncate_losses(losses_path, step)
+        accelerator.wait_for_everyone()
+
+        model.train()
+        bar = tqdm(total=s.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not accelerator.is_local_main_process)
+        losses_file = open(losses_path, "a") if main else None  # closed in finally
+        step_seconds: list[float] = []
+        scalar_keys: list[str] = []
+        try:
+            micro: dict[str, list[float]] = {}
+            grad_norm = None
+            t0 = time.perf_counter()
+            while step < s.max_steps:
+                batches = iter(self.loader_factory(epoch))
+                to_skip, skipped = into, 0
+                while skipped < to_skip:
+                    try:
+                        next(batches)
+                    except StopIteration:
+                        break
+                    skipped += 1
+                if pending_rng is not None:
+                    _set_rng_state(pending_rng)
+                    pending_rng = None
+                    t0 = time.perf_counter()
+                yielded = False
+                for batch in batches:
+                    yielded = True
+                    into += 1
+                    batch = send_to_device(batch, accelerator.device, non_blocking=True)
+                    with accelerator.accumulate(model):
+                        with accelerator.autocast():
+                            out = self.step_fn(model, batch)
+                        if "loss" not in out:
+                            raise KeyError(f"step_fn must return a dict with a 'loss' tensor; got keys {sorted(out)}")
+                        accelerator.backward(out["loss"])
+                        if accelerator.sync_gradients and s.grad_clip is not None:
+                            grad_norm = accelerator.clip_grad_norm_(params, s.grad_clip)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    for k, v in out.items():
+                        micro.setdefault(k, []).append(_scalar(v))
+                    if not accelerator.sync_gradients:
+                        continue
+                    step += 1
+                    seconds = time.perf_counter() - t0
+                    step_seconds.append(seconds)
+                    values = {k: sum(v) / len(v) for k, v in micro.items()}
+                    micro = {}
+                    if not scalar_keys:
+                        scalar_keys = [k for k in values if k != "loss"]
+                    if step % s.log_every == 0 or step == s.max_steps:
+                        row = self._log_row(step, epoch, values, grad_norm, optimizer, seconds, accelerator)
+                        if losses_file is not None:
+                            losses_file.write(json.dumps(row) + "\n")
+                            losses_file.flush()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{values['loss']:.4g}", s_step=f"{seconds:.3g}")
+                    if step % s.checkpoint_every == 0 or step == s.max_steps:
+                        self._save_checkpoint(step, epoch, into, model, optimizer, accelerator)
+                    if step >= s.max_steps:
+                        break
+                    t0 = time.perf_counter()
+                else:
+                    if not yielded and skipped == 0:
+                        raise ValueError(f"loader_factory({epoch}) yielded no batches; an epoch needs at least one")
+                    if skipped < to_skip:
+                        raise CheckpointError(
+                            f"epoch {epoch} has {skipped} batches but the checkpoint had consumed {to_skip}: the "
+                            f"loader is not the same as in the run that wrote it (data or batch size changed)")
+                    epoch, into = epoch + 1, 0
+                    continue
+                break
+        finally:
+            bar.close()
+            if losses_file is not None:
+                losses_file.close()
+        curve = self._write_final(step, epoch, into, model, accelerator, scalar_keys)
+        seconds_per_step = sum(step_seconds) / len(step_seconds) if step_seconds else 0.0
+        self._main_log(accelerator, f"done: {step} steps, {seconds_per_step:.3g} s/step")
+        return TrainResult(step=step, output_dir=self.output_dir, final_dir=self.output_dir / FINAL_DIR,
+                           losses_path=losses_path, seconds_per_step=seconds_per_step, resumed_from=resumed_from,
+                           loss_curve_path=curve)
+
+    @staticmethod
+    def _log_row(step: int, epoch: int, values: dict[str, float], grad_norm: Any, optimizer: Any, seconds: float,
+                 accelerator: Any) -> dict:
+        """One losses.jsonl row; scalars are averaged over processes (a collective: every process calls it)."""
+        names = list(values)
+        local = torch.tensor([values[k] for k in names], dtype=torch.float64, device=accelerator.device)
+        mean = accelerator.reduce(local, reduction="mean") if accelerator.num_processes > 1 else local
+        row: dict[str, Any] = {"step": step, "epoch": epoch}
+        row.update({k: float(v) for k, v in zip(names, mean.tolist())})
+        if grad_norm is not None:
+            row["grad_norm"] = _scalar(grad_norm)
+        group = optimizer.param_groups[0]
+        row["lr"] = float(group["lr"])
+        if "d" in group:  # Prodigy's step-size estimate: the effective learning rate is lr * d
+            row["d"] = float(group["d"])
+        row["seconds"] = round(seconds, 6)
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
