@@ -9,6 +9,8 @@ arguments that stage functions take out of the config tree.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, fields
 
@@ -133,3 +135,34 @@ def build_identity_scorer(cfg: PipelineConfig) -> IdentityScorer:
 
 def build_qc_scorers(cfg: PipelineConfig) -> QCScorers:
     return QCScorers(build_classifier(cfg), build_identity_scorer(cfg), LandmarkLocator())
+
+
+# Model training
+
+
+def a2bfr_train_config(cfg: PipelineConfig, *, shards: str, output_dir: str | None = None, **overrides):
+    """The A2BFRTrainConfig the ``a2bfr_lora`` asset (and ``attrface train a2bfr``) launches: the config's a2bfr
+    section + its model specs; ``overrides`` (a2bfr field names) win. The run folder defaults to one per
+    meaning-changing setting: the same settings resume, other settings start a new run."""
+    from training.a2bfr.config import A2BFRTrainConfig
+
+    a = type(cfg.a2bfr).model_validate({**cfg.a2bfr.model_dump(), **{k: v for k, v in overrides.items()
+                                                                       if v is not None}})
+    body = {
+        "model": {"base": cfg.models.flux, "farl": cfg.models.farl, "resolution": a.resolution,
+                  "max_sequence_length": a.max_sequence_length, "condition_attends": a.condition_attends,
+                  "lora": {"rank": a.lora_rank, "alpha": a.lora_alpha}},
+        "loss": {"aal_weight": a.aal_weight, "sdt_margin": a.sdt_margin, "sdt_weight": a.sdt_weight},
+        "data": {"shards": shards, "mode": a.mode, "preset": a.degradation, "batch_size": a.batch_size,
+                 "num_workers": 0 if cfg.profile == "offline" else 4, "seed": 0},
+        "samples": {"faces": a.sample_faces, "steps": a.sample_steps},
+        "cache_dir": str(cfg.paths.cache_dir), "allow_download": cfg.models.allow_download,
+    }
+    meaning = json.dumps({**body, "optimizer": a.optimizer, "lr": a.lr, "mixed_precision": a.mixed_precision},
+                         sort_keys=True)
+    run = output_dir or a.output_dir or cfg.paths.data_root / "models" / "a2bfr" / hashlib.sha256(
+        meaning.encode()).hexdigest()[:12]
+    body["train"] = {"output_dir": str(run), "max_steps": a.max_steps, "checkpoint_every": a.checkpoint_every,
+                     "lr": a.lr, "optimizer": a.optimizer, "mixed_precision": a.mixed_precision,
+                     "gradient_checkpointing": a.gradient_checkpointing}
+    return A2BFRTrainConfig.model_validate(body)

@@ -269,6 +269,36 @@ class BenchmarksConfig(_Strict):
         return self
 
 
+class A2BFRConfig(_Strict):
+    """The ``a2bfr_lora`` asset: training settings on top of training.a2bfr.config's defaults (REFERENCE.md).
+
+    Offline defaults train the tiny Flux a few steps on the sample shards; ``full`` trains FLUX.1-dev at 512.
+    Loss weights (lambda, m, alpha) are unpublished: defaults, recorded with every checkpoint.
+    """
+
+    mode: Literal["single", "dual"] = Field("dual", description="dual: semantic dual-training on src/tar pairs")
+    resolution: int = Field(64, ge=16, description="square training size (multiple of 16)")
+    max_steps: int = Field(30, ge=1)
+    batch_size: int = Field(2, ge=1, description="per process")
+    lr: float = Field(1.0, gt=0, description="Prodigy's multiplier (1.0 = its own estimate)")
+    optimizer: Literal["prodigy", "adamw"] = "prodigy"
+    aal_weight: float = Field(0.1, ge=0, description="lambda: attribute-aware loss weight")
+    sdt_margin: float = Field(0.3, ge=0, le=1, description="m: dual-training hinge margin")
+    sdt_weight: float = Field(0.1, ge=0, description="alpha: dual-training loss weight")
+    lora_rank: int = Field(4, ge=1)
+    lora_alpha: float = 4.0
+    condition_attends: Literal["all", "self"] = "all"
+    max_sequence_length: int = Field(32, ge=8, description="T5 tokens")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = Field(10, ge=1)
+    num_processes: int = Field(1, ge=1, description="accelerate processes (GPUs) the asset launches")
+    degradation: str = Field("train", description="training.degradation preset of the LQ images")
+    sample_faces: int = Field(2, ge=0, description="rows of the sample grid")
+    sample_steps: int = Field(4, ge=1)
+    output_dir: Path | None = Field(None, description="run folder; default <data_root>/models/a2bfr/<config hash>")
+
+
 class ModelsConfig(_Strict):
     """Model specs: a hub id (``org/name`` or ``org/name@revision``), a local directory, or ``tiny/<name>``."""
 
@@ -294,6 +324,7 @@ class PipelineConfig(_Strict):
     qc: QCConfig = Field(default_factory=QCConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     benchmarks: BenchmarksConfig = Field(default_factory=BenchmarksConfig)
+    a2bfr: A2BFRConfig = Field(default_factory=A2BFRConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
 
     @field_validator("profile")
@@ -329,6 +360,9 @@ FULL_PROFILE: dict[str, Any] = {
            "gate": ["attribute", "identity", "similarity"]},
     "edit": {"resolution": 512, "steps": 50, "n_max": 33, "src_guidance": 3.5, "tar_guidance": 13.5, "beta": 0.1,
              "max_sequence_length": 256, "batch_size": 4},
+    # REFERENCE.md: FLUX.1-dev, LoRA r64/alpha 4, Prodigy lr 1, batch 1, 60K iterations, 512 px, bf16.
+    "a2bfr": {"resolution": 512, "max_steps": 60000, "batch_size": 1, "lora_rank": 64, "max_sequence_length": 512,
+              "mixed_precision": "bf16", "checkpoint_every": 1000, "sample_faces": 4, "sample_steps": 28},
     "models": {
         "sd3": "stabilityai/stable-diffusion-3.5-large",
         "flux": "black-forest-labs/FLUX.1-dev",

@@ -53,3 +53,14 @@ def shard_dir(tmp_path_factory, samples):
     return tmp / "attrface_shards"
 
 
+
+
+@pytest.fixture(scope="session")
+def training_zoo(tmp_path_factory):
+    """The tiny models the model-training tests load, generated once (without SD3, whose VAE fit takes minutes)."""
+    from attrface_pipeline.models import tiny
+
+    root = tmp_path_factory.mktemp("training_zoo")
+    for name in ("flux", "farl"):
+        tiny.generate(name, root / name)
+    return root

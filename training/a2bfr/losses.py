@@ -139,30 +139,36 @@ class Objective:
             out["attr"] = attribute_bce(probs, target_probs)
         return out
 
-    def __call__(self, model, batch: dict) -> dict:
-        """The engine's step_fn: single batches (gt, lq, prompt) or dual batches (gt_src/gt_tar/lq/prompt_*)."""
+    def terms(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        """The loss terms (with gradients): diff and attr (per branch averaged), dual and gap in dual batches."""
         s = self.loss
         dual = "gt_src" in batch
-        lq = batch["lq"]
-        cond = self.condition(lq)
+        cond = self.condition(batch["lq"])
         aal = s.aal_weight > 0
         if not dual:
             b = self.branch(model, batch["gt"], cond, list(batch["prompt"]), None, aal)
-            loss = b["diff"] + (s.aal_weight * b["attr"] if aal else 0)
-            return {"loss": loss, "diff": b["diff"].detach(), **({"attr": b["attr"].detach()} if aal else {})}
+            return {k: v for k, v in b.items() if k != "probs"}
         need_probs = aal or s.sdt_weight > 0
         src = self.branch(model, batch["gt_src"], cond, list(batch["prompt_src"]), batch["attr_probs_src"], need_probs)
         tar = self.branch(model, batch["gt_tar"], cond, list(batch["prompt_tar"]), batch["attr_probs_tar"], need_probs)
-        loss = src["diff"] + tar["diff"]
-        logs = {"diff": (src["diff"] + tar["diff"]).detach() / 2}
-        if aal:
-            loss = loss + s.aal_weight * (src["attr"] + tar["attr"])
-            logs["attr"] = (src["attr"] + tar["attr"]).detach() / 2
-        if s.sdt_weight > 0:
-            index = torch.as_tensor(batch["attr_index"], device=lq.device).long().view(-1, 1)
+        out = {"diff": (src["diff"] + tar["diff"]) / 2}
+        if need_probs:
+            out["attr"] = (src["attr"] + tar["attr"]) / 2
+            index = torch.as_tensor(batch["attr_index"], device=cond.device).long().view(-1, 1)
             a_src, a_tar = src["probs"].gather(1, index)[:, 0], tar["probs"].gather(1, index)[:, 0]
-            dual_loss = dual_hinge(a_src, a_tar, s.sdt_margin)
-            loss = loss + s.sdt_weight * dual_loss
-            logs["dual"] = dual_loss.detach()
-            logs["gap"] = (a_tar - a_src).abs().mean().detach()
-        return {"loss": loss, **logs}
+            out["dual"] = dual_hinge(a_src, a_tar, s.sdt_margin)
+            out["gap"] = (a_tar - a_src).abs().mean()
+        return out
+
+    def __call__(self, model, batch: dict) -> dict:
+        """The engine's step_fn. Single: L_diff + lambda L_attr. Dual: the sum of both branches' L_AAL (twice the
+        branch means) + alpha L_dual."""
+        s = self.loss
+        terms = self.terms(model, batch)
+        branches = 2 if "gt_src" in batch else 1
+        loss = terms["diff"] * branches
+        if s.aal_weight > 0:
+            loss = loss + s.aal_weight * terms["attr"] * branches
+        if s.sdt_weight > 0 and "dual" in terms:
+            loss = loss + s.sdt_weight * terms["dual"]
+        return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}

@@ -1,0 +1,82 @@
+"""A²BFR training config: one validated object, recorded with every checkpoint and the final LoRA."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from training.data import LoaderConfig
+from training.engine import TrainSettings
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSettings(_Strict):
+    """REFERENCE.md: rank 64, alpha 4, dropout 0.01; applied at ``scale`` on condition tokens (OminiControl: 1)."""
+
+    rank: int = Field(64, ge=1)
+    alpha: float = 4.0
+    dropout: float = Field(0.01, ge=0, lt=1)
+    scale: float = 1.0
+    adapter_name: str = "default"
+
+
+class ModelSettings(_Strict):
+    base: str = Field("tiny/flux", description="Flux pipeline: hub id, local folder or tiny/flux")
+    farl: str = Field("tiny/farl", description="frozen FaRL attribute model for the attribute-aware loss")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    condition_attends: Literal["all", "self"] = Field(
+        "all", description="all: condition tokens attend every token (paper); self: only themselves (KV cache)")
+    resolution: int = Field(512, ge=16, description="square training and restore size (multiple of 16)")
+    max_sequence_length: int = Field(512, ge=8, description="T5 tokens (FLUX.1-dev: 512)")
+
+    @model_validator(mode="after")
+    def _multiple_of_16(self) -> ModelSettings:
+        if self.resolution % 16:
+            raise ValueError(f"resolution {self.resolution} must be a multiple of 16 (VAE 8x + 2x2 packing)")
+        return self
+
+
+class LossSettings(_Strict):
+    """L = L_AAL(src) [+ L_AAL(tar) + alpha * L_dual in dual mode]; L_AAL = L_diff + lambda * L_attr.
+
+    lambda, m, alpha are not published (REFERENCE.md): these defaults are a design decision, recorded with every
+    checkpoint.
+    """
+
+    aal_weight: float = Field(0.1, ge=0, description="lambda: BCE of FaRL(x0_hat) against the GT probabilities")
+    aal_scale: float = Field(0.5, gt=0, le=1, description="decode x0_hat at this fraction of the latent size")
+    sdt_margin: float = Field(0.3, ge=0, le=1, description="m: hinge on |A_tar - A_src|")
+    sdt_weight: float = Field(0.1, ge=0, description="alpha: weight of the dual loss")
+    text_dropout: float = Field(0.1, ge=0, le=1)
+    condition_dropout: float = Field(0.1, ge=0, le=1)
+    train_guidance: float = Field(1.0, description="Flux-dev guidance embedding value during training")
+
+
+class SampleSettings(_Strict):
+    """The sample grid (LQ | restored, source prompt | restored, target prompt | GT) written at each checkpoint."""
+
+    faces: int = Field(4, ge=0)
+    steps: int = Field(28, ge=1)
+    guidance_scale: float = 3.0
+    split: Literal["train", "test"] = "test"
+
+
+class A2BFRTrainConfig(_Strict):
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    loss: LossSettings = Field(default_factory=LossSettings)
+    data: LoaderConfig
+    train: TrainSettings
+    samples: SampleSettings = Field(default_factory=SampleSettings)
+    cache_dir: str = Field("data/cache", description="model store root (hub cache, tiny zoo), as paths.cache_dir")
+    allow_download: bool = False
+
+    @model_validator(mode="after")
+    def _data_fits(self) -> A2BFRTrainConfig:
+        if self.data.resolution not in (None, self.model.resolution):
+            raise ValueError(f"data.resolution {self.data.resolution} differs from model.resolution "
+                             f"{self.model.resolution}; leave data.resolution unset")
+        return self
