@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -314,7 +315,8 @@ class Trainer:
                  config: dict,
                  on_checkpoint: Callable[[int, Path], None] | None = None,
                  log: Callable[[str], None] = print,
-                 allow_changes: Iterable[str] = ()):
+                 allow_changes: Iterable[str] = (),
+                 accelerator_kwargs: dict[str, Any] | None = None):
         self.settings = settings
         self.model = model
         self.loader_factory = loader_factory
@@ -323,7 +325,10 @@ class Trainer:
         self.config = config
         self.on_checkpoint = on_checkpoint
         self._log = log
-        self.allow_changes = RESUMABLE_CHANGES | set(allow_changes)
+        self.allow_changes = RESUMABLE_CHANGES | set(allow_changes)  # more config keys that may change on resume
+        # e.g. {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)]} when some trainable
+        # parameters get no gradient in a step (a dropped condition) under multi-GPU DDP
+        self.accelerator_kwargs = dict(accelerator_kwargs or {})
         self.output_dir = Path(settings.output_dir)
 
     # Set-up
@@ -490,6 +495,30 @@ class Trainer:
 
     # The loop
 
+    def _batches(self, epoch: int, into: int, pending_rng: dict | None) -> Iterator[tuple[int, int, dict]]:
+        """(epoch, batches consumed in it, batch) from position (epoch, into) on, epoch after epoch.
+
+        Resuming, the epoch's loader is rebuilt and its first ``into`` batches skipped before the checkpoint's RNG
+        state is set: building and reading a loader may draw from the global RNG, as it did before the checkpoint.
+        """
+        while True:
+            batches = iter(self.loader_factory(epoch))
+            skipped = sum(1 for _ in itertools.islice(batches, into))
+            if skipped < into:
+                raise CheckpointError(f"epoch {epoch} has {skipped} batches but the checkpoint had consumed {into}: "
+                                      f"the loader differs from the run that wrote it (data or batch size changed)")
+            if pending_rng is not None:
+                _set_rng_state(pending_rng)
+                pending_rng = None
+            start = into
+            for batch in batches:
+                into += 1
+                yield epoch, into, batch
+            if into == start == 0:
+                raise ValueError(f"loader_factory({epoch}) yielded no batches; an epoch needs at least one")
+            epoch, into = epoch + 1, 0
+
+
     def fit(self) -> TrainResult:
         """Train to ``max_steps`` optimizer steps (resuming per ``settings.resume``); returns where things are."""
         from accelerate import Accelerator
@@ -499,7 +528,7 @@ class Trainer:
         s = self.settings
         set_attention_backend(s.attention_backend)
         accelerator = Accelerator(mixed_precision=s.mixed_precision,
-                                  gradient_accumulation_steps=s.gradient_accumulation_steps)
+                                  gradient_accumulation_steps=s.gradient_accumulation_steps, **self.accelerator_kwargs)
         main = accelerator.is_main_process
         resume_path = find_resume_checkpoint(s)
         saved_state = None
@@ -515,7 +544,7 @@ class Trainer:
         optimizer = build_optimizer(params, s)
         model, optimizer = accelerator.prepare(self.model, optimizer)
         step = epoch = into = 0
-        pending_rng = None
+        pending_rng = None  # this process's RNG state from the checkpoint, set once the consumed batches are skipped
         resumed_from = None
         if resume_path is not None:
             pending_rng = self._load_checkpoint(resume_path, model, optimizer, accelerator)
@@ -539,67 +568,41 @@ class Trainer:
             micro: dict[str, list[float]] = {}
             grad_norm = None
             t0 = time.perf_counter()
-            while step < s.max_steps:
-                batches = iter(self.loader_factory(epoch))
-                to_skip, skipped = into, 0
-                while skipped < to_skip:
-                    try:
-                        next(batches)
-                    except StopIteration:
-                        break
-                    skipped += 1
-                if pending_rng is not None:
-                    _set_rng_state(pending_rng)
-                    pending_rng = None
-                    t0 = time.perf_counter()
-                yielded = False
-                for batch in batches:
-                    yielded = True
-                    into += 1
-                    batch = send_to_device(batch, accelerator.device, non_blocking=True)
-                    with accelerator.accumulate(model):
-                        with accelerator.autocast():
-                            out = self.step_fn(model, batch)
-                        if "loss" not in out:
-                            raise KeyError(f"step_fn must return a dict with a 'loss' tensor; got keys {sorted(out)}")
-                        accelerator.backward(out["loss"])
-                        if accelerator.sync_gradients and s.grad_clip is not None:
-                            grad_norm = accelerator.clip_grad_norm_(params, s.grad_clip)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    for k, v in out.items():
-                        micro.setdefault(k, []).append(_scalar(v))
-                    if not accelerator.sync_gradients:
-                        continue
-                    step += 1
-                    seconds = time.perf_counter() - t0
-                    step_seconds.append(seconds)
-                    values = {k: sum(v) / len(v) for k, v in micro.items()}
-                    micro = {}
-                    if not scalar_keys:
-                        scalar_keys = [k for k in values if k != "loss"]
-                    if step % s.log_every == 0 or step == s.max_steps:
-                        row = self._log_row(step, epoch, values, grad_norm, optimizer, seconds, accelerator)
-                        if losses_file is not None:
-                            losses_file.write(json.dumps(row) + "\n")
-                            losses_file.flush()
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{values['loss']:.4g}", s_step=f"{seconds:.3g}")
-                    if step % s.checkpoint_every == 0 or step == s.max_steps:
-                        self._save_checkpoint(step, epoch, into, model, optimizer, accelerator)
-                    if step >= s.max_steps:
-                        break
-                    t0 = time.perf_counter()
-                else:
-                    if not yielded and skipped == 0:
-                        raise ValueError(f"loader_factory({epoch}) yielded no batches; an epoch needs at least one")
-                    if skipped < to_skip:
-                        raise CheckpointError(
-                            f"epoch {epoch} has {skipped} batches but the checkpoint had consumed {to_skip}: the "
-                            f"loader is not the same as in the run that wrote it (data or batch size changed)")
-                    epoch, into = epoch + 1, 0
+            stream = self._batches(epoch, into, pending_rng) if step < s.max_steps else iter(())
+            for epoch, into, batch in stream:
+                batch = send_to_device(batch, accelerator.device, non_blocking=True)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        out = self.step_fn(model, batch)
+                    if "loss" not in out:
+                        raise KeyError(f"step_fn must return a dict with a 'loss' tensor; got keys {sorted(out)}")
+                    accelerator.backward(out["loss"])
+                    if accelerator.sync_gradients and s.grad_clip is not None:
+                        grad_norm = accelerator.clip_grad_norm_(params, s.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in out.items():
+                    micro.setdefault(k, []).append(_scalar(v))
+                if not accelerator.sync_gradients:
                     continue
-                break
+                step += 1
+                seconds = time.perf_counter() - t0
+                step_seconds.append(seconds)
+                values = {k: sum(v) / len(v) for k, v in micro.items()}
+                micro = {}
+                scalar_keys = scalar_keys or [k for k in values if k != "loss"]
+                if step % s.log_every == 0 or step == s.max_steps:
+                    row = self._log_row(step, epoch, values, grad_norm, optimizer, seconds, accelerator)
+                    if losses_file is not None:
+                        losses_file.write(json.dumps(row) + "\n")
+                        losses_file.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.4g}", s_step=f"{seconds:.3g}")
+                if step % s.checkpoint_every == 0 or step == s.max_steps:
+                    self._save_checkpoint(step, epoch, into, model, optimizer, accelerator)
+                if step >= s.max_steps:
+                    break
+                t0 = time.perf_counter()
         finally:
             bar.close()
             if losses_file is not None:

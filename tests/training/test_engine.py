@@ -1,6 +1,8 @@
 """training.engine on a real (tiny) torch model: learning, checkpoints, exact resume after a kill, clear refusals."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,6 +167,43 @@ def test_killed_and_resumed_run_matches_straight_run(tmp_path):
     _assert_same_optimizer(a, b)
 
 
+def _launch_two_processes(out: Path, max_steps: int) -> str:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(_free_port()), "-m", "tests.training.test_engine", str(out), str(max_steps)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}  # without CUDA: DDP over gloo
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_exactly(tmp_path):
+    """DDP on CPU: losses are averaged over ranks, each rank's RNG is checkpointed, and a resume continues both."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _launch_two_processes(straight, 6)
+    # the second run starts from the first run's checkpoint 3 (its later rows are dropped on resume)
+    shutil.copytree(straight / "checkpoints/checkpoint-000003", resumed / "checkpoints/checkpoint-000003")
+    (resumed / "checkpoints/latest").write_text("checkpoint-000003")
+    shutil.copy(straight / "losses.jsonl", resumed / "losses.jsonl")
+    assert "resumed_from=3 step=6" in _launch_two_processes(resumed, 6)
+    rng = torch.load(tmp_path / "straight/checkpoints/checkpoint-000003/rng.pt", weights_only=True)["processes"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    assert rows_without_time(tmp_path / "straight/losses.jsonl") == rows_without_time(tmp_path / "resumed/losses.jsonl")
+    a, b = (load_file(tmp_path / run / "final/head.safetensors")["head.weight"] for run in ("straight", "resumed"))
+    assert torch.equal(a, b)
+    single = make_trainer(tmp_path / "single", max_steps=1).fit()  # rank 1 draws other noise: the mean differs
+    assert read_losses(single.losses_path)[0]["loss"] != read_losses(tmp_path / "straight/losses.jsonl")[0]["loss"]
+
+
 def test_resume_with_gradient_accumulation_and_adamw(tmp_path):
     """An interruption (here an exception after checkpoint 2) mid-epoch, with 2 micro-batches per step."""
     kw = dict(max_steps=5, checkpoint_every=2, gradient_accumulation_steps=2, optimizer="adamw", lr=0.01)
@@ -211,6 +250,19 @@ def test_resume_errors_name_the_checkpoint(tmp_path):
     (out / "checkpoints" / "latest").write_text("checkpoint-000099")
     with pytest.raises(CheckpointError, match="checkpoint-000099"):
         make_trainer(out).fit()
+
+
+def test_loader_errors(tmp_path):
+    empty = make_trainer(tmp_path / "empty")
+    empty.loader_factory = lambda epoch: iter(())
+    with pytest.raises(ValueError, match=r"loader_factory\(0\) yielded no batches"):
+        empty.fit()
+    out = tmp_path / "run"
+    make_trainer(out, max_steps=3).fit()  # checkpoint 3 batches into epoch 0
+    shorter = make_trainer(out)
+    shorter.loader_factory = lambda epoch: list(loader_factory(epoch))[:2]
+    with pytest.raises(CheckpointError, match="epoch 0 has 2 batches but the checkpoint had consumed 3"):
+        shorter.fit()
 
 
 def test_trainable_set_must_match(tmp_path):
@@ -268,3 +320,8 @@ def test_set_attention_backend_cpu_noop_and_unknown_names():
                       cuda.cudnn_sdp_enabled())
     with pytest.raises(ValueError, match="unknown attention backend 'xformers'"):
         set_attention_backend("xformers")
+
+
+if __name__ == "__main__":  # for test_two_process_run_resumes_exactly: accelerate launch -m tests.training.test_engine
+    _result = make_trainer(Path(sys.argv[1]), max_steps=int(sys.argv[2]), checkpoint_every=3).fit()
+    print(f"resumed_from={_result.resumed_from} step={_result.step}")
