@@ -24,6 +24,10 @@ of h1; inside the block the processor only sees the normalised input n, so the q
 copies of ``to_k``/``to_v`` and ``to_out_impl`` starts at zero (weight and bias), so a freshly installed network
 computes exactly what the base network computes with the text tokens alone.
 
+A context of exactly N tokens (no text) is stage I's form: the implicit tokens take the text's place and the layer
+runs stock cross-attention over them (``to_k``/``to_v``/``to_out``; the branch is unused). The choice is made from
+the context's shape, not from processor state, so it survives gradient checkpointing's recomputation.
+
 The new parameters live in :class:`ImplicitBranch` modules, *not* inside the processors: the processors hold a
 reference, and :func:`install_dca` returns the branches as an ``nn.ModuleDict``. The UNet's / ControlNet's own
 ``state_dict`` therefore stays the stock one (``save_pretrained`` writes a ControlNet any diffusers loader reads),
@@ -32,9 +36,7 @@ and the DCA weights are saved separately (:func:`save_dca` / :func:`load_dca`, s
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -105,11 +107,8 @@ def _attend(attn, query_input: torch.Tensor, context: torch.Tensor, to_k: nn.Mod
 
 
 class DecoupledCrossAttnProcessor:
-    """diffusers attention processor for ``encoder_hidden_states = [text ; N implicit tokens]`` (module docstring).
-
-    ``bypass = True`` treats the whole ``encoder_hidden_states`` as ordinary context (stock cross-attention, the
-    branch unused): stage I runs the UNet on the implicit tokens alone through this path.
-    """
+    """diffusers attention processor for ``encoder_hidden_states = [text ; N implicit tokens]`` (L + N tokens, L >= 1),
+    or the N implicit tokens alone (stock cross-attention over them, stage I); see the module docstring."""
 
     def __init__(self, branch: ImplicitBranch, num_tokens: int, mode: DCAMode = "sequential"):
         if mode not in MODES:
@@ -119,7 +118,6 @@ class DecoupledCrossAttnProcessor:
         self.branch = branch
         self.num_tokens = num_tokens
         self.mode = mode
-        self.bypass = False
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -135,10 +133,11 @@ class DecoupledCrossAttnProcessor:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
         batch, total = encoder_hidden_states.shape[:2]
-        text_len = total if self.bypass else total - self.num_tokens
+        implicit_only = total == self.num_tokens
+        text_len = total if implicit_only else total - self.num_tokens
         if text_len < 1:
             raise ValueError(f"encoder_hidden_states has {total} tokens; DCA expects [text ; {self.num_tokens} "
-                             f"implicit tokens] with at least one text token")
+                             f"implicit tokens] or the {self.num_tokens} implicit tokens alone")
         text_mask = impl_mask = None
         if attention_mask is not None:
             if attention_mask.shape[-1] == total:
@@ -158,7 +157,7 @@ class DecoupledCrossAttnProcessor:
 
         out = attn.to_out[0](_attend(attn, hidden_states, text, attn.to_k, attn.to_v, text_mask))
         out = attn.to_out[1](out)
-        if not self.bypass:
+        if not implicit_only:
             query_input = hidden_states + out if self.mode == "sequential" else hidden_states
             branch = self.branch
             impl = _attend(attn, query_input, implicit, branch.to_k_impl, branch.to_v_impl, impl_mask)
@@ -209,20 +208,6 @@ def set_dca_mode(model: nn.Module, mode: DCAMode) -> None:
         raise ValueError(f"unknown DCA mode {mode!r}; choose from {MODES}")
     for proc in dca_processors(model).values():
         proc.mode = mode
-
-
-@contextlib.contextmanager
-def bypass_dca(*models: nn.Module) -> Iterator[None]:
-    """Within the block, DCA layers run stock cross-attention over all of ``encoder_hidden_states``."""
-    procs = [p for m in models for p in dca_processors(m).values()]
-    before = [p.bypass for p in procs]
-    for p in procs:
-        p.bypass = True
-    try:
-        yield
-    finally:
-        for p, b in zip(procs, before):
-            p.bypass = b
 
 
 DCA_FILE = "dca.safetensors"

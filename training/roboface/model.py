@@ -16,10 +16,12 @@ Stages (REFERENCE.md, RoboFace), epsilon- or v-prediction as the scheduler says,
   cross-attention layer of UNet and ControlNet; ``encoder_hidden_states = [caption tokens ; Remover(Mapper(LQ))]``;
   loss on the HQ latents. Trains the ControlNet and the DCA branches (UNet's and ControlNet's).
 
-Stage I runs the UNet with the DCA processors bypassed (stock cross-attention over the N tokens), so one bundle with
-DCA installed serves every stage. Batches are ``training.data`` batches: images CHW in [-1, 1]; the HQ image is
-``gt`` (single / folder mode) or ``gt_src`` (dual mode); the stage-II caption is the first of ``caption``,
-``prompt``, ``prompt_src`` present (the captions asset adds ``caption``: captions of the HQ image).
+Stage I gives the UNet the N tokens alone as its context, which the DCA processors run as stock cross-attention (the
+text's K/V, the branches unused), so one bundle with DCA installed serves every stage.
+
+Batches are ``training.data`` batches: images CHW in [-1, 1]; the HQ image is ``gt`` (single / folder mode) or
+``gt_src`` (dual mode); the stage-II caption is the first of ``caption``, ``prompt``, ``prompt_src`` present (the
+captions asset adds ``caption``: captions of the HQ image).
 
 For ``training.engine.Trainer``: ``freeze_for(stage)`` once, then ``step_fn(stage)`` as the step function (it calls
 ``model(batch, stage=...)``, so a DDP-wrapped bundle synchronises gradients) and ``save_fn(stage)`` for the
@@ -37,8 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.roboface.attention import (DCA_FILE, bypass_dca, install_dca, load_dca, read_dca_metadata,
-                                         save_dca)
+from training.roboface.attention import DCA_FILE, install_dca, load_dca, read_dca_metadata, save_dca
 from training.roboface.config import STAGES, RoboFaceConfig
 from training.roboface.modules import Mapper, Remover
 
@@ -182,13 +183,15 @@ class RoboFace(nn.Module):
                 implicit_only: bool = False) -> torch.Tensor:
         """The UNet's output (noise or velocity) for one batch.
 
-        ``implicit_only`` (stage I): ``encoder_hidden_states`` is the N tokens alone and DCA is bypassed. Otherwise
-        it is ``[text ; N tokens]``; ``control`` (B, 3, H, W) in [0, 1] adds the ControlNet's residuals.
+        ``implicit_only`` (stage I): ``encoder_hidden_states`` is the N tokens alone (stock cross-attention over
+        them, no ControlNet). Otherwise it is ``[text ; N tokens]``; ``control`` (B, 3, H, W) in [0, 1] adds the
+        ControlNet's residuals.
         """
         unet_dtype = self.unet.dtype
         if implicit_only:
-            with bypass_dca(self.unet):
-                return self.unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states.to(unet_dtype)).sample
+            if encoder_hidden_states.shape[1] != self.config.num_tokens or control is not None:
+                raise ValueError(f"implicit_only takes the {self.config.num_tokens} tokens alone and no control")
+            return self.unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states.to(unet_dtype)).sample
         down = mid = None
         if control is not None:
             cn_dtype = self.controlnet.dtype

@@ -84,3 +84,21 @@ def test_stage_overfits_two_real_faces(model, face_batch, stage):
         moved = any(not torch.equal(start[k], after[k]) for k in start if k.startswith(prefix))
         should = any(prefix.startswith(p) for p in TRAINED[stage])
         assert moved == should, prefix  # after 30 steps every trained group has moved, every other is untouched
+
+
+@pytest.mark.parametrize("stage", ["stage1a", "stage2"])
+def test_gradient_checkpointing_gives_the_same_gradients(model, face_batch, stage):
+    """Checkpointing recomputes the forward during backward: the DCA layers must pick the same path again."""
+    model.freeze_for(stage)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(face_batch, stage=stage, generator=torch.Generator().manual_seed(5))["loss"].backward()
+        return [p.grad.clone() for p in model.trainable_parameters(stage)]
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    model.train()  # diffusers checkpoints only in training mode
+    assert model.unet.is_gradient_checkpointing
+    for a, b in zip(plain, grads()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
