@@ -140,7 +140,7 @@ class DecoupledCrossAttnProcessor:
                              f"implicit tokens] or the {self.num_tokens} implicit tokens alone")
         text_mask = impl_mask = None
         if attention_mask is not None:
-            if attention_mask.shape[-1] == total:
+            if attention_mask.shape[-1] == total and not implicit_only:
                 text_mask, impl_mask = attention_mask[..., :text_len], attention_mask[..., text_len:]
             elif attention_mask.shape[-1] == text_len:
                 text_mask = attention_mask
