@@ -5,7 +5,7 @@ export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 # The same defaults the activated venv has (scripts/attrface_env.sh): bare `dagster job execute -j <job>` works.
 ATTRFACE_ENV := . scripts/attrface_env.sh &&
 
-.PHONY: setup setup-vllm demo lint test test-fast ui bench bench-verbalize bench-flowedit bench-publish bench-loader bench-degradation review clean
+.PHONY: setup setup-vllm demo train-a2bfr lint test test-fast ui bench bench-verbalize bench-flowedit bench-publish bench-loader bench-degradation review clean
 
 setup:
 	bash scripts/setup.sh
@@ -15,6 +15,9 @@ setup-vllm:
 
 demo: setup
 	$(ATTRFACE_ENV) $(VENV)/bin/dagster job execute -j build_dataset
+
+train-a2bfr:
+	$(ATTRFACE_ENV) $(VENV)/bin/dagster job execute -j train_a2bfr
 
 lint:
 	$(VENV)/bin/ruff check .

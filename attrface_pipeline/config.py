@@ -278,7 +278,7 @@ class A2BFRConfig(_Strict):
 
     mode: Literal["single", "dual"] = Field("dual", description="dual: semantic dual-training on src/tar pairs")
     resolution: int = Field(64, ge=16, description="square training size (multiple of 16)")
-    max_steps: int = Field(30, ge=1)
+    max_steps: int = Field(20, ge=1)
     batch_size: int = Field(2, ge=1, description="per process")
     lr: float = Field(1.0, gt=0, description="Prodigy's multiplier (1.0 = its own estimate)")
     optimizer: Literal["prodigy", "adamw"] = "prodigy"

@@ -7,10 +7,12 @@ Jobs:
   ``--tags '{"dagster/partition": "chunk-00001"}'``); it does not publish.
 - ``publish_dataset``: shards + dataset card from every complete chunk (after chunk backfills).
 - ``build_benchmarks``: the fixed evaluation sets (``attrface_test``, ``celeba_test_levels``, ``real_lq``).
+- ``train_a2bfr``: the A²BFR LoRA on the published shards (``a2bfr_lora``; offline: the tiny Flux, a few steps).
 """
 
 import dagster as dg
 
+from attrface_pipeline.assets.a2bfr import a2bfr_lora
 from attrface_pipeline.assets.attributes import edit_prompts, face_attributes
 from attrface_pipeline.assets.benchmarks import attrface_test, celeba_test_levels, real_lq
 from attrface_pipeline.assets.edits import edits
@@ -27,6 +29,7 @@ CHUNK_ASSETS = [raw_images, faces, face_identities, face_attributes, edit_prompt
 PUBLISH_ASSETS = [attrface_shards, dataset_card]
 DATASET_ASSETS = CHUNK_ASSETS + PUBLISH_ASSETS
 BENCHMARK_ASSETS = [attrface_test, celeba_test_levels, real_lq]
+MODEL_ASSETS = [a2bfr_lora]
 
 
 def _all_chunks_tags() -> dict[str, str]:
@@ -69,9 +72,15 @@ build_benchmarks = dg.define_asset_job(
     "degradation level, and real LQ faces (after build_dataset for attrface_test).",
 )
 
+train_a2bfr = dg.define_asset_job(
+    "train_a2bfr",
+    selection=[a2bfr_lora],
+    description="Train the A²BFR LoRA on the published shards (after build_dataset); resumes an interrupted run.",
+)
+
 defs = dg.Definitions(
-    assets=DATASET_ASSETS + BENCHMARK_ASSETS,
-    jobs=[build_dataset, build_dataset_chunk, publish_dataset, build_benchmarks],
+    assets=DATASET_ASSETS + BENCHMARK_ASSETS + MODEL_ASSETS,
+    jobs=[build_dataset, build_dataset_chunk, publish_dataset, build_benchmarks, train_a2bfr],
     resources={"attrface": AttrFaceConfig()},
     executor=guarded_executor(_preflight),
 )

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -220,3 +221,27 @@ def test_blocking_qc_check_stops_downstream(build):
     overall = next(c for c in result.get_asset_check_evaluations() if c.check_name == "overall_pass_rate")
     assert not overall.passed and overall.metadata["floor"].value == 0.5
     assert overall.metadata["pass_rate"].value < 0.5
+
+
+def test_train_a2bfr_on_the_published_samples(build):
+    """The offline train job on the sample build: tiny Flux, Pipes + accelerate subprocess, curve and grid in the UI;
+    a second run finds the run folder complete and resumes nothing."""
+    import dagster as dg
+
+    tmp, env, _ = build
+    log = _execute(env, "-j", "train_a2bfr")
+    assert "accelerate.commands.launch" in log
+    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+    try:
+        instance = dg.DagsterInstance.get()
+        meta = instance.get_latest_materialization_event(dg.AssetKey("a2bfr_lora")).asset_materialization.metadata
+    finally:
+        del os.environ["DAGSTER_HOME"]
+    assert meta["steps"].value == 20 and meta["resumed_from"].value is None
+    assert meta["loss_curve"].value.startswith("![") and "data:image/png;base64," in meta["samples"].value
+    final = Path(meta["checkpoint"].value)
+    assert (final / "pytorch_lora_weights.safetensors").is_file() and final.is_relative_to(tmp / "out")
+    losses = [json.loads(line) for line in (final.parent / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses] == list(range(1, 21)) and all(np.isfinite(r["loss"]) for r in losses)
+    again = _execute(env, "-j", "train_a2bfr")
+    assert "resuming from" in again and "checkpoint-000020" in again  # the finished run, nothing retrained

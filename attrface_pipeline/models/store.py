@@ -167,6 +167,9 @@ def required_models(cfg: PipelineConfig, steps: Iterable[str]) -> dict[str, str]
         need["sd3"] = cfg.models.sd3
     if steps & {"qc", "face_identities"} and cfg.qc.identity_backend == "arcface":
         need["insightface_pack"] = cfg.models.insightface_pack
+    if "a2bfr_lora" in steps:
+        need["flux"] = cfg.models.flux
+        need["farl"] = cfg.models.farl
     return need
 
 
