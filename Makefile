@@ -5,7 +5,7 @@ export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 # The same defaults the activated venv has (scripts/attrface_env.sh): bare `dagster job execute -j <job>` works.
 ATTRFACE_ENV := . scripts/attrface_env.sh &&
 
-.PHONY: setup setup-vllm demo train-a2bfr lint test test-fast ui bench bench-verbalize bench-flowedit bench-publish bench-loader bench-degradation review clean
+.PHONY: setup setup-vllm demo train-a2bfr lint test test-fast ui bench bench-verbalize bench-flowedit bench-publish bench-loader bench-degradation bench-a2bfr review clean
 
 setup:
 	bash scripts/setup.sh
@@ -48,6 +48,9 @@ bench-loader:
 
 bench-degradation:
 	$(VENV)/bin/python benchmarks/degradation_speed.py
+
+bench-a2bfr:
+	$(VENV)/bin/python benchmarks/a2bfr_speed.py
 
 review:
 	$(VENV)/bin/attrface review
