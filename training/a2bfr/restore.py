@@ -30,7 +30,7 @@ class A2BFRRestorer:
              dtype: torch.dtype = torch.float32, **settings) -> A2BFRRestorer:
         """Base Flux pipeline folder + an A²BFR LoRA (ours or the official file). Resolution and T5 length default
         to what the LoRA was trained with (``a2bfr_config.json``), else the official 512 / 512."""
-        pipe = A2BFRPipeline.from_pretrained(base, torch_dtype=dtype).to(device)
+        pipe = A2BFRPipeline.from_pretrained(base, dtype=dtype).to(device)
         record = pipe.load_a2bfr_lora(lora)
         trained = (record.get("training") or {}).get("model") or {}
         for key in ("resolution", "max_sequence_length"):

@@ -44,7 +44,7 @@ def load_models(cfg: A2BFRTrainConfig, device: torch.device) -> tuple[A2BFRPipel
 
     store = ModelStore(cfg.cache_dir, allow_download=cfg.allow_download)
     dtype = weight_dtype(cfg.train.mixed_precision)
-    pipe = A2BFRPipeline.from_pretrained(store.resolve(cfg.model.base), torch_dtype=dtype)
+    pipe = A2BFRPipeline.from_pretrained(store.resolve(cfg.model.base), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         part.requires_grad_(False)
