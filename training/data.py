@@ -355,3 +355,19 @@ def make_loader(cfg: LoaderConfig, *, epoch: int = 0) -> DataLoader:
     # parent that used OpenCV, and blocks forever in pthread_cond_destroy (seen with 512 px resizes before the loader).
     return DataLoader(make_dataset(cfg, epoch=epoch), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                       collate_fn=collate, drop_last=cfg.drop_last, pin_memory=cfg.pin_memory)
+
+
+def preview_batch(cfg: LoaderConfig, *, size: int, split: str, resolution: int | None = None) -> dict | None:
+    """The first ``size`` samples of ``split`` in stored order, no shuffling (the train split if that one has none):
+    the fixed batch trainers render their sample grids from. None if ``size`` is 0 or there is no data."""
+    if not size:
+        return None
+    for name in dict.fromkeys([split, "train"]):
+        data = cfg.model_copy(update={"split": name, "batch_size": size, "num_workers": 0, "shuffle_buffer": 0,
+                                      "resampled": False, "epoch_samples": None, "drop_last": False,
+                                      "resolution": resolution if resolution is not None else cfg.resolution})
+        try:
+            return next(iter(make_loader(data, epoch=0)))
+        except (ShardsNotFoundError, StopIteration):
+            continue
+    return None

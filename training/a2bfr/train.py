@@ -71,23 +71,6 @@ def lora_record(cfg: A2BFRTrainConfig) -> dict:
             "training": cfg.model_dump(mode="json")}
 
 
-def sample_batch(cfg: A2BFRTrainConfig) -> dict | None:
-    """The first ``samples.faces`` pairs of the configured split (the train split if that one is empty)."""
-    from training.data import ShardsNotFoundError, make_loader
-
-    if not cfg.samples.faces:
-        return None
-    for split in dict.fromkeys([cfg.samples.split, "train"]):
-        data = cfg.data.model_copy(update={"split": split, "batch_size": cfg.samples.faces, "num_workers": 0,
-                                           "shuffle_buffer": 0, "resampled": False, "epoch_samples": None,
-                                           "drop_last": False, "resolution": cfg.model.resolution})
-        try:
-            return next(iter(make_loader(data, epoch=0)))
-        except (ShardsNotFoundError, StopIteration):
-            continue
-    return None
-
-
 def sample_grid(pipe: A2BFRPipeline, batch: dict, cfg: A2BFRTrainConfig, *, seed: int = 0) -> np.ndarray:
     """Rows of LQ | restored (source prompt) | restored (target prompt) | GT; single batches repeat the prompt."""
     res = cfg.model.resolution
@@ -109,7 +92,7 @@ def train(cfg: A2BFRTrainConfig, *, log: Callable[[str], None] = print) -> tuple
     """Train (or resume) and return the engine's result + the paths the asset reports."""
     from accelerate import PartialState
 
-    from training.data import make_loader
+    from training.data import make_loader, preview_batch
 
     set_attention_backend(cfg.train.attention_backend)
     state = PartialState()
@@ -121,7 +104,8 @@ def train(cfg: A2BFRTrainConfig, *, log: Callable[[str], None] = print) -> tuple
                           max_sequence_length=cfg.model.max_sequence_length)
     data = cfg.data.model_copy(update={"resolution": cfg.model.resolution})
     out = Path(cfg.train.output_dir)
-    samples = sample_batch(cfg) if state.is_main_process else None
+    samples = (preview_batch(cfg.data, size=cfg.samples.faces, split=cfg.samples.split,
+                             resolution=cfg.model.resolution) if state.is_main_process else None)
 
     def render(folder: Path) -> None:
         if samples is not None and state.is_main_process:
