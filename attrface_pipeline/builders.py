@@ -166,3 +166,93 @@ def a2bfr_train_config(cfg: PipelineConfig, *, shards: str, output_dir: str | No
                      "lr": a.lr, "optimizer": a.optimizer, "mixed_precision": a.mixed_precision,
                      "gradient_checkpointing": a.gradient_checkpointing}
     return A2BFRTrainConfig.model_validate(body)
+
+
+def _run_hash(meaning: dict) -> str:
+    return hashlib.sha256(json.dumps(meaning, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def roboface_caption_config(cfg: PipelineConfig):
+    """The captioner settings of RoboFace's explicit text (training captions and restore-time captions), cached
+    under ``<cache_dir>/roboface_captions``."""
+    from training.roboface.config import CaptionConfig
+
+    r = cfg.roboface
+    body: dict = {"backend": r.caption_backend, "cache_dir": str(cfg.paths.cache_dir / "roboface_captions")}
+    if r.caption_backend == "vlm":
+        body["vlm"] = {"base_url": r.caption_base_url, "model": r.caption_model}
+    elif r.caption_backend == "transformers" and r.caption_model:
+        body["transformers"] = {"model": r.caption_model}
+    return CaptionConfig.model_validate(body)
+
+
+def build_roboface_captioner(cfg: PipelineConfig):
+    """The configured captioner (``none`` offline), behind its per-image cache."""
+    from training.roboface.captioner import build_captioner
+
+    return build_captioner(roboface_caption_config(cfg), ModelStore.from_config(cfg))
+
+
+def _train_split_size(shards: str) -> int:
+    from pathlib import Path
+
+    sizes = Path(shards) / "train" / "sizes.json"
+    if not sizes.is_file():
+        raise FileNotFoundError(f"{sizes} is missing: stage-II length in epochs needs the published train split's "
+                                f"size; publish the shards or set roboface.stage2_steps")
+    return sum(json.loads(sizes.read_text()).values())
+
+
+def roboface_train_config(cfg: PipelineConfig, *, shards: str, stage: str, captions: str | None = None,
+                          stage1_dir: str | None = None, output_dir: str | None = None, **overrides):
+    """The RoboFaceTrainConfig the ``roboface_stage1`` / ``roboface_model`` assets launch: the config's roboface
+    section + ``models.sd2_controlnet``; ``overrides`` (roboface field names) win.
+
+    Run folders: ``<root>/stage1-<hash>`` of what stage I's result depends on, and ``<root>/stage2-<hash>`` of the
+    stage-I weights it starts from, the captions file's content and the stage-II settings -- so the same settings
+    resume, other settings start a new run, and changing stage II never retrains stage I. Step counts are not in the
+    hashes: raising them continues a run."""
+    import math
+    from pathlib import Path
+
+    from training.roboface.train import RoboFaceTrainConfig
+
+    if stage not in ("stage1", "stage2"):
+        raise ValueError(f"unknown RoboFace stage {stage!r}; choose stage1 or stage2")
+    r = type(cfg.roboface).model_validate({**cfg.roboface.model_dump(), **{k: v for k, v in overrides.items()
+                                                                             if v is not None}})
+    stage1 = {"lr": r.stage1_lr, "batch_size": r.stage1_batch_size}
+    model = {"base_model": cfg.models.sd2_controlnet, "image_encoder": r.image_encoder,
+             "image_encoder_subfolder": r.image_encoder_subfolder, "num_tokens": r.num_tokens,
+             "resolution": r.resolution, "stage1a": stage1, "stage1b": stage1}
+    data = {"shards": shards, "mode": "single", "lq_from": "src", "preset": r.degradation, "seed": 0,
+            "num_workers": 0 if cfg.profile == "offline" else 4}
+    root = Path(output_dir or r.output_dir or cfg.paths.data_root / "models" / "roboface")
+    stage1_run = root / f"stage1-{_run_hash({'model': model, 'data': data, 'precision': r.mixed_precision})}"
+    model["stage1a"] = {**stage1, "steps": r.stage1a_steps}
+    model["stage1b"] = {**stage1, "steps": r.stage1b_steps}
+    stage2 = {"lr": r.stage2_lr, "batch_size": r.stage2_batch_size, "epochs": r.stage2_epochs,
+              "gradient_accumulation_steps": r.stage2_accumulation, "caption_dropout": r.caption_dropout}
+    caption = roboface_caption_config(cfg).model_dump(mode="json")
+    body = {"model": {**model, "stage2": stage2, "dca": {"mode": r.dca_mode}, "caption": caption}, "data": data,
+            "stage": stage, "captions": captions, "empty_caption": r.empty_caption,
+            "samples": {"faces": r.sample_faces, "steps": r.sample_steps},
+            "cache_dir": str(cfg.paths.cache_dir), "allow_download": cfg.models.allow_download}
+    if stage == "stage1":
+        run = stage1_run
+    else:
+        body["stage1_dir"] = str(stage1_dir or stage1_run / "stage1b" / "final")
+        digest = (hashlib.sha256(Path(captions).read_bytes()).hexdigest() if captions and Path(captions).is_file()
+                  else None)
+        meaning = {"stage1": body["stage1_dir"], "stage2": stage2, "dca": r.dca_mode, "captions": digest,
+                   "caption": {k: caption[k] for k in ("backend", "prompt")}, "empty_caption": r.empty_caption,
+                   "precision": r.mixed_precision}
+        run = root / f"stage2-{_run_hash(meaning)}"
+        steps = r.stage2_steps
+        if steps is None:
+            per_step = r.stage2_batch_size * r.stage2_accumulation * r.num_processes
+            steps = math.ceil(r.stage2_epochs * _train_split_size(shards) / per_step)
+        body["model"]["stage2"] = {**stage2, "steps": steps}
+    body["run"] = {"output_dir": str(run), "checkpoint_every": r.checkpoint_every, "mixed_precision": r.mixed_precision,
+                   "gradient_checkpointing": r.gradient_checkpointing}
+    return RoboFaceTrainConfig.model_validate(body)

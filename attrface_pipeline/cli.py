@@ -168,7 +168,9 @@ if __name__ == "__main__":
 
 
 # --model -> the module whose build_restorer(base, weights, **settings) gives a RestoreFn (imported when used).
-RESTORERS = {"a2bfr": "training.a2bfr.restore"}
+RESTORERS = {"a2bfr": "training.a2bfr.restore", "roboface": "training.roboface.restore"}
+# --model -> the models.* key of its default --base
+DEFAULT_BASES = {"a2bfr": "flux", "roboface": "sd2_controlnet"}
 
 
 @app.command("restore")
@@ -176,11 +178,13 @@ def restore(
     src: Path = typer.Argument(..., help="a photo, an aligned face, or a folder of them"),
     dst: Path = typer.Argument(..., help="output file (or folder, for a folder input)"),
     model: str = typer.Option("a2bfr", help=f"restorer: {', '.join(RESTORERS)}"),
-    weights: Path = typer.Option(..., help="trained weights: the A²BFR LoRA folder (ours) or release .safetensors"),
-    base: Optional[str] = typer.Option(None, help="base pipeline spec (default: the config's models.flux)"),
+    weights: Path = typer.Option(..., help="trained weights: the A²BFR LoRA folder (ours) or release .safetensors; "
+                                 "RoboFace: the trained folder (<run>/stage2/final)"),
+    base: Optional[str] = typer.Option(None, help="base pipeline spec (default: the config's models.flux for a2bfr, "
+                                       "models.sd2_controlnet for roboface)"),
     prompt: Optional[str] = typer.Option(None, help="steer the restoration, e.g. 'a photo of a smiling face'"),
-    steps: Optional[int] = typer.Option(None, help="denoising steps (A²BFR: 28)"),
-    guidance: Optional[float] = typer.Option(None, help="text guidance (A²BFR: 3.0)"),
+    steps: Optional[int] = typer.Option(None, help="denoising steps (A²BFR: 28, RoboFace: 50)"),
+    guidance: Optional[float] = typer.Option(None, help="text guidance (A²BFR: 3.0, RoboFace: 7.5)"),
     image_guidance: Optional[float] = typer.Option(None, help="condition guidance (A²BFR: 1.0 = off)"),
     seed: int = typer.Option(0),
     input_kind: str = typer.Option("auto", help="auto | aligned | photo"),
@@ -205,7 +209,7 @@ def restore(
         raise typer.Exit(2) from None
     device = resolve_device("auto")
     restorer = importlib.import_module(RESTORERS[model]).build_restorer(
-        ModelStore.from_config(cfg).resolve(base or cfg.models.flux), weights, device=device,
+        ModelStore.from_config(cfg).resolve(base or getattr(cfg.models, DEFAULT_BASES[model])), weights, device=device,
         dtype=resolve_dtype("auto", device), prompt=prompt, steps=steps, guidance_scale=guidance,
         image_guidance_scale=image_guidance, seed=seed)
     records = restore_paths(inputs, outputs, restorer, detector=build_detector(cfg), align_spec=align_spec(cfg),

@@ -299,6 +299,48 @@ class A2BFRConfig(_Strict):
     output_dir: Path | None = Field(None, description="run folder; default <data_root>/models/a2bfr/<config hash>")
 
 
+class RoboFaceSection(_Strict):
+    """The ``roboface_captions`` / ``roboface_stage1`` / ``roboface_model`` assets on top of training.roboface's
+    defaults (REFERENCE.md, RoboFace). The base is ``models.sd2_controlnet``.
+
+    Offline: the tiny SD2 + ControlNet + CLIP, a few steps at 64 px, no captioner (stage II then trains on the
+    dataset's source prompts: ``empty_caption``). ``full``: SD2.1-base at 512 with the paper's optimiser settings,
+    IP-Adapter's CLIP ViT-H/14 image encoder and LLaVA-1.5-13B captions from a vLLM server. Stage-I lengths are not
+    published: defaults, recorded with every checkpoint.
+    """
+
+    resolution: int = Field(64, ge=16, description="square training size (multiple of 8)")
+    num_tokens: int = Field(30, ge=1, description="N implicit tokens")
+    dca_mode: Literal["sequential", "parallel"] = "sequential"
+    image_encoder: str | None = Field(None, description="CLIP vision model spec; None: the base folder's")
+    image_encoder_subfolder: str | None = "image_encoder"
+    stage1a_steps: int = Field(4, ge=1)
+    stage1b_steps: int = Field(4, ge=1)
+    stage1_lr: float = Field(1e-3, gt=0, description="Adam, stages I-a and I-b (paper: 1e-6)")
+    stage1_batch_size: int = Field(2, ge=1, description="per process (paper: 4)")
+    stage2_steps: int | None = Field(6, ge=1, description="None: stage2_epochs over the published train split")
+    stage2_epochs: int = Field(15, ge=1)
+    stage2_lr: float = Field(1e-3, gt=0, description="Adam (paper: 5e-5)")
+    stage2_batch_size: int = Field(2, ge=1, description="per process and micro-batch (paper: 192 in all)")
+    stage2_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    empty_caption: Literal["prompt", "empty"] = Field("prompt", description="an empty or failed caption becomes the "
+                                                      "pair's source prompt, or stays empty")
+    caption_backend: Literal["vlm", "transformers", "none"] = "none"
+    caption_model: str | None = Field(None, description="vlm: the served model name (None: the first listed); "
+                                                        "transformers: a ModelStore spec")
+    caption_base_url: str = "http://127.0.0.1:8000/v1"
+    caption_batch_size: int = Field(16, ge=1, description="images per captioner call")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = Field(4, ge=1)
+    num_processes: int = Field(1, ge=1, description="accelerate processes (GPUs) the training assets launch")
+    degradation: str = Field("train", description="training.degradation preset of the LQ images")
+    sample_faces: int = Field(2, ge=0, description="rows of the sample grid")
+    sample_steps: int = Field(4, ge=1)
+    output_dir: Path | None = Field(None, description="run folders' root; default <data_root>/models/roboface")
+
+
 class ModelsConfig(_Strict):
     """Model specs: a hub id (``org/name`` or ``org/name@revision``), a local directory, or ``tiny/<name>``."""
 
@@ -325,6 +367,7 @@ class PipelineConfig(_Strict):
     publish: PublishConfig = Field(default_factory=PublishConfig)
     benchmarks: BenchmarksConfig = Field(default_factory=BenchmarksConfig)
     a2bfr: A2BFRConfig = Field(default_factory=A2BFRConfig)
+    roboface: RoboFaceSection = Field(default_factory=RoboFaceSection)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
 
     @field_validator("profile")
@@ -363,6 +406,17 @@ FULL_PROFILE: dict[str, Any] = {
     # REFERENCE.md: FLUX.1-dev, LoRA r64/alpha 4, Prodigy lr 1, batch 1, 60K iterations, 512 px, bf16.
     "a2bfr": {"resolution": 512, "max_steps": 60000, "batch_size": 1, "lora_rank": 64, "max_sequence_length": 512,
               "mixed_precision": "bf16", "checkpoint_every": 1000, "sample_faces": 4, "sample_steps": 28},
+    # REFERENCE.md: N = 30, Adam 1e-6 at batch 4 (stage I), Adam 5e-5 at batch 192 for 15 epochs (stage II; here
+    # 32 x 6 accumulated on one GPU), LLaVA-1.5-13B captions. SD2.1-base has no image encoder: IP-Adapter's
+    # OpenCLIP ViT-H/14 (models/image_encoder). Stage-I lengths are ours (unpublished). Captions:
+    # `vllm serve llava-hf/llava-1.5-13b-hf --port 8001` (the verbalizer's Qwen3 keeps 8000).
+    "roboface": {"resolution": 512, "image_encoder": "h94/IP-Adapter",
+                 "image_encoder_subfolder": "models/image_encoder", "stage1a_steps": 20000, "stage1b_steps": 20000,
+                 "stage1_lr": 1e-6, "stage1_batch_size": 4,
+                 "stage2_steps": None, "stage2_lr": 5e-5, "stage2_batch_size": 32, "stage2_accumulation": 6,
+                 "caption_backend": "vlm", "caption_model": "llava-hf/llava-1.5-13b-hf",
+                 "caption_base_url": "http://127.0.0.1:8001/v1", "mixed_precision": "bf16", "checkpoint_every": 1000,
+                 "sample_faces": 4, "sample_steps": 50},
     "models": {
         "sd3": "stabilityai/stable-diffusion-3.5-large",
         "flux": "black-forest-labs/FLUX.1-dev",

@@ -89,6 +89,8 @@ class StageConfig(_Strict):
     steps: int = Field(1000, ge=0, description="optimizer steps")
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step (batch_size "
+                                                                   "is per micro-batch and process)")
 
 
 class Stage1aConfig(StageConfig):

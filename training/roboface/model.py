@@ -303,7 +303,7 @@ class RoboFace(nn.Module):
                 if module.config.num_tokens != self.config.num_tokens:
                     raise ValueError(f"{folder / name} makes {module.config.num_tokens} tokens; this bundle uses "
                                      f"num_tokens={self.config.num_tokens}")
-                setattr(self, name, module.to(self.device, torch.float32))
+                setattr(self, name, module.to(self.device).float())  # .to(dtype) warns spuriously
                 loaded.append(name)
         if (folder / "controlnet").is_dir():
             # copy into the existing ControlNet: its DCA processors (and their branches) stay attached

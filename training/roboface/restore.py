@@ -1,0 +1,94 @@
+"""RoboFace as a :data:`training.restore_faces.RestoreFn`: aligned crops in, restored crops out, in batches.
+
+``weights`` is a trained RoboFace folder -- ``<run>/stage2/final`` (or a stage-2 checkpoint): Mapper, Remover,
+ControlNet and the DCA branches, with the ``config.json`` the trainer recorded (N, DCA mode, resolution, image
+encoder, captioner). ``base`` is the SD2.1-family pipeline folder it was trained on. Without a user prompt, each
+crop's stage-I restoration is captioned by the recorded captioner (``none``: the empty caption).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.roboface.config import RoboFaceConfig
+from training.roboface.model import MANIFEST, RoboFace
+from training.roboface.pipeline import RoboFaceRestorer
+
+STAGE2_PARTS = ("mapper", "remover", "controlnet", "dca")
+
+
+def trained_config(weights: str | Path) -> RoboFaceConfig:
+    """The RoboFaceConfig a trained folder was made with (``config.json``'s model section), checked against its
+    ``roboface.json`` manifest."""
+    weights = Path(weights)
+    manifest_path = weights / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{weights} is not a trained RoboFace folder (no {MANIFEST}); pass "
+                                f"<run>/stage2/final as --weights")
+    manifest = json.loads(manifest_path.read_text())
+    missing = [p for p in STAGE2_PARTS if p not in manifest.get("parts", [])]
+    if missing:
+        raise ValueError(f"{weights} lacks {missing} (a stage-I folder?): restoring needs the stage-II model, "
+                         f"<run>/stage2/final")
+    record = json.loads((weights / "config.json").read_text()) if (weights / "config.json").is_file() else {}
+    model = {k: v for k, v in (record.get("model") or {}).items() if k in RoboFaceConfig.model_fields}
+    cfg = RoboFaceConfig.model_validate(model)
+    return cfg.model_copy(update={"num_tokens": manifest["num_tokens"],
+                                  "dca": cfg.dca.model_copy(update={"mode": manifest["dca_mode"]})})
+
+
+@dataclass
+class RoboFaceRestoreFn:
+    restorer: RoboFaceRestorer
+    prompt: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    batch_size: int = 4
+
+    def __call__(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        for start in range(0, len(crops), self.batch_size):
+            # each crop's noise comes from seed + its index in the call (the restorer adds the index in the batch)
+            out += self.restorer.restore(crops[start:start + self.batch_size], self.prompt, steps=self.steps,
+                                         guidance=self.guidance, seed=self.seed + start)
+        return out
+
+
+def load_restorer(base: str | Path, weights: str | Path, *, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32, captioner=None, store=None) -> RoboFaceRestorer:
+    """The bundle from ``base`` + the trained parts of ``weights``; the recorded captioner unless one is given.
+    ``store`` (a ModelStore) resolves a separate image encoder / a transformers captioner (default: the pipeline
+    config's)."""
+    from training.roboface.captioner import build_captioner
+
+    cfg = trained_config(weights)
+    if store is None and (cfg.image_encoder or cfg.caption.backend == "transformers"):
+        from attrface_pipeline.config import load_config
+        from attrface_pipeline.models.store import ModelStore
+
+        store = ModelStore.from_config(load_config())
+    model = RoboFace.from_pretrained(base, config=cfg, trained=weights,
+                                     image_encoder=store.resolve(cfg.image_encoder) if cfg.image_encoder else None,
+                                     dtype=None if dtype == torch.float32 else dtype)
+    # the bundle keeps trained parts in fp32 for training; restoring, everything runs in the restore dtype
+    model = model.to(device=device, dtype=dtype).eval()
+    return RoboFaceRestorer(model, captioner if captioner is not None else build_captioner(cfg.caption, store))
+
+
+def build_restorer(base: str | Path, weights: str | Path, *, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, prompt: str | None = None, steps: int | None = None,
+                   guidance_scale: float | None = None, image_guidance_scale: float | None = None,
+                   seed: int = 0) -> RoboFaceRestoreFn:
+    """The ``attrface restore --model roboface`` entry point (None: the model's restore defaults, 50 steps, CFG
+    7.5). ``prompt`` replaces the caption of the stage-I restoration."""
+    if image_guidance_scale is not None:
+        raise ValueError("RoboFace has no image guidance (its LQ condition is the ControlNet); leave "
+                         "--image-guidance unset")
+    return RoboFaceRestoreFn(load_restorer(base, weights, device=device, dtype=dtype), prompt=prompt, steps=steps,
+                             guidance=guidance_scale, seed=seed)
