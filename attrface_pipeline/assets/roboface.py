@@ -1,0 +1,115 @@
+"""Dagster assets of RoboFace (logic in training/roboface/, no Dagster there):
+
+- ``roboface_captions``: the caption of every train sample's HQ image, computed once (per-image cache) into
+  ``<data_root>/roboface_captions/captions.parquet``;
+- ``roboface_stage1``: stage I-a (Mapper) then I-b (Remover) -- ``training.roboface.train --stage stage1``;
+- ``roboface_model``: stage II (ControlNet + decoupled cross-attention) from stage I's weights and the captions.
+
+The training assets write their config and run the trainer as an ``accelerate launch`` subprocess through Dagster
+Pipes (``roboface.num_processes`` GPUs); the trainer reports loss curves, the sample grid and the weights' path.
+Re-materializing with the same settings resumes the run folder's latest checkpoint (a finished run returns at once).
+"""
+
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+
+from attrface_pipeline.assets.publish import PUBLISH_DIR, attrface_shards
+from attrface_pipeline.assets.resources import AttrFaceConfig
+from attrface_pipeline.assets.training import run_training_subprocess
+from attrface_pipeline.builders import build_roboface_captioner, roboface_train_config
+
+CAPTIONS_DIR = "roboface_captions"
+
+
+class RoboFaceRun(dg.Config):
+    """Per-run overrides of the config's ``roboface`` section (unset: the section's value)."""
+
+    stage1a_steps: Optional[int] = None
+    stage1b_steps: Optional[int] = None
+    stage1_lr: Optional[float] = None
+    stage1_batch_size: Optional[int] = None
+    stage2_steps: Optional[int] = None
+    stage2_lr: Optional[float] = None
+    stage2_batch_size: Optional[int] = None
+    num_processes: Optional[int] = None
+    output_dir: Optional[str] = None
+
+
+@dg.asset(
+    deps=[attrface_shards],
+    description="Captions of the HQ (source) image of every train sample for RoboFace's explicit text (LLaVA "
+    "through a vLLM server in the full profile, none offline); captions.parquet keyed by sample key.",
+    group_name="models",
+    kinds={"parquet"},
+)
+def roboface_captions(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
+    import pyarrow.parquet as pq
+
+    from training.roboface.captions import caption_split
+
+    cfg = attrface.pipeline_config()
+    captioner = build_roboface_captioner(cfg)
+    summary = caption_split(cfg.paths.data_root / PUBLISH_DIR, cfg.paths.data_root / CAPTIONS_DIR, captioner,
+                            batch_size=cfg.roboface.caption_batch_size, log=context.log.info)
+    examples = [r for r in pq.read_table(summary.path).to_pylist() if r["caption"]][:3]
+    return dg.MaterializeResult(metadata={
+        "samples": summary.samples, "images": summary.images, "failed": summary.failed, "cached": summary.cached,
+        "backend": summary.backend, "model": summary.model_id, "seconds": round(summary.seconds, 2),
+        "path": dg.MetadataValue.path(str(summary.path)),
+        "examples": dg.MetadataValue.md("\n".join(f"- **{r['key']}**: {r['caption']}" for r in examples)
+                                        or "(no captions: backend none; stage II uses the source prompts)"),
+    })
+
+
+def _launch(context: dg.AssetExecutionContext, train_cfg, processes: int) -> dg.MaterializeResult:
+    context.log.info(f"RoboFace {train_cfg.stage} run folder {train_cfg.run.output_dir} ({processes} process(es))")
+    results = run_training_subprocess(context, module="training.roboface.train",
+                                      config=train_cfg.model_dump(mode="json"),
+                                      output_dir=Path(train_cfg.run.output_dir), num_processes=processes)
+    return results.get_materialize_result()
+
+
+@dg.asset(
+    deps=[attrface_shards],
+    description="RoboFace stage I on the published shards: the Mapper (CLIP -> N tokens, an autoencoder through the "
+    "frozen SD2.1 UNet on HQ and LQ), then the Remover (LQ tokens -> HQ tokens); loss curves and a sample grid.",
+    group_name="models",
+    kinds={"pytorch"},
+    pool="gpu",
+)
+def roboface_stage1(context: dg.AssetExecutionContext, attrface: AttrFaceConfig,
+                    config: RoboFaceRun) -> dg.MaterializeResult:
+    cfg = attrface.pipeline_config()
+    overrides = config.model_dump(exclude={"output_dir"})
+    train_cfg = roboface_train_config(cfg, shards=str(cfg.paths.data_root / PUBLISH_DIR), stage="stage1",
+                                      output_dir=config.output_dir, **overrides)
+    return _launch(context, train_cfg, overrides["num_processes"] or cfg.roboface.num_processes)
+
+
+@dg.asset(
+    deps=[roboface_stage1, roboface_captions],
+    description="RoboFace (stage II): ControlNet on the LQ image + decoupled cross-attention over [caption ; N "
+    "implicit tokens] in every cross-attention layer, stage-I Mapper/Remover frozen; the restorable model folder "
+    "(attrface restore --model roboface), loss curve and sample grid in the metadata.",
+    group_name="models",
+    kinds={"pytorch"},
+    pool="gpu",
+)
+def roboface_model(context: dg.AssetExecutionContext, attrface: AttrFaceConfig,
+                   config: RoboFaceRun) -> dg.MaterializeResult:
+    from training.roboface.captions import CAPTIONS_FILE
+
+    cfg = attrface.pipeline_config()
+    overrides = config.model_dump(exclude={"output_dir"})
+    # stage I's weights: what roboface_stage1 last materialized (its own run config may differ from this run's)
+    upstream = context.instance.get_latest_materialization_event(roboface_stage1.key)
+    stage1_dir = None
+    if upstream is not None and upstream.asset_materialization is not None:
+        checkpoint = upstream.asset_materialization.metadata.get("checkpoint")
+        stage1_dir = getattr(checkpoint, "path", None)
+    train_cfg = roboface_train_config(cfg, shards=str(cfg.paths.data_root / PUBLISH_DIR), stage="stage2",
+                                      captions=str(cfg.paths.data_root / CAPTIONS_DIR / CAPTIONS_FILE),
+                                      stage1_dir=stage1_dir, output_dir=config.output_dir, **overrides)
+    return _launch(context, train_cfg, overrides["num_processes"] or cfg.roboface.num_processes)
