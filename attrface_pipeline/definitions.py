@@ -7,6 +7,7 @@ Jobs:
   ``--tags '{"dagster/partition": "chunk-00001"}'``); it does not publish.
 - ``publish_dataset``: shards + dataset card from every complete chunk (after chunk backfills).
 - ``build_benchmarks``: the fixed evaluation sets (``attrface_test``, ``celeba_test_levels``, ``real_lq``).
+- ``train_roboface``: RoboFace's captions, stage I (Mapper, Remover) and stage II (ControlNet + DCA).
 - ``train_a2bfr``: the A²BFR LoRA on the published shards (``a2bfr_lora``; offline: the tiny Flux, a few steps).
 """
 
@@ -21,6 +22,7 @@ from attrface_pipeline.assets.ingest import faces, raw_images
 from attrface_pipeline.assets.partitions import SOURCE_PARTITIONS
 from attrface_pipeline.assets.publish import attrface_shards, dataset_card
 from attrface_pipeline.assets.qc import qc
+from attrface_pipeline.assets.roboface import roboface_captions, roboface_model, roboface_stage1
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.run_guard import guarded_executor
 from attrface_pipeline.models.store import check_models
@@ -29,7 +31,7 @@ CHUNK_ASSETS = [raw_images, faces, face_identities, face_attributes, edit_prompt
 PUBLISH_ASSETS = [attrface_shards, dataset_card]
 DATASET_ASSETS = CHUNK_ASSETS + PUBLISH_ASSETS
 BENCHMARK_ASSETS = [attrface_test, celeba_test_levels, real_lq]
-MODEL_ASSETS = [a2bfr_lora]
+MODEL_ASSETS = [a2bfr_lora, roboface_captions, roboface_stage1, roboface_model]
 
 
 def _all_chunks_tags() -> dict[str, str]:
@@ -78,9 +80,15 @@ train_a2bfr = dg.define_asset_job(
     description="Train the A²BFR LoRA on the published shards (after build_dataset); resumes an interrupted run.",
 )
 
+train_roboface = dg.define_asset_job(
+    "train_roboface",
+    selection=[roboface_captions, roboface_stage1, roboface_model],
+    description="Train RoboFace (captions, stage I, stage II) on the published shards (after build_dataset); resumes.",
+)
+
 defs = dg.Definitions(
     assets=DATASET_ASSETS + BENCHMARK_ASSETS + MODEL_ASSETS,
-    jobs=[build_dataset, build_dataset_chunk, publish_dataset, build_benchmarks, train_a2bfr],
+    jobs=[build_dataset, build_dataset_chunk, publish_dataset, build_benchmarks, train_a2bfr, train_roboface],
     resources={"attrface": AttrFaceConfig()},
     executor=guarded_executor(_preflight),
 )

@@ -167,6 +167,8 @@ def required_models(cfg: PipelineConfig, steps: Iterable[str]) -> dict[str, str]
         need["sd3"] = cfg.models.sd3
     if steps & {"qc", "face_identities"} and cfg.qc.identity_backend == "arcface":
         need["insightface_pack"] = cfg.models.insightface_pack
+    if steps & {"roboface_stage1", "roboface_model"}:
+        need["sd2_controlnet"] = cfg.models.sd2_controlnet
     if "a2bfr_lora" in steps:
         need["flux"] = cfg.models.flux
         need["farl"] = cfg.models.farl
