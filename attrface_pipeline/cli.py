@@ -207,11 +207,17 @@ def restore(
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    from attrface_pipeline.models.store import ModelNotAvailableError
+
     device = resolve_device("auto")
-    restorer = importlib.import_module(RESTORERS[model]).build_restorer(
-        ModelStore.from_config(cfg).resolve(base or getattr(cfg.models, DEFAULT_BASES[model])), weights, device=device,
-        dtype=resolve_dtype("auto", device), prompt=prompt, steps=steps, guidance_scale=guidance,
-        image_guidance_scale=image_guidance, seed=seed)
+    try:
+        restorer = importlib.import_module(RESTORERS[model]).build_restorer(
+            ModelStore.from_config(cfg).resolve(base or getattr(cfg.models, DEFAULT_BASES[model])), weights,
+            device=device, dtype=resolve_dtype("auto", device), prompt=prompt, steps=steps, guidance_scale=guidance,
+            image_guidance_scale=image_guidance, seed=seed)
+    except (FileNotFoundError, ModelNotAvailableError) as e:  # missing or wrong --weights / --base: say which
+        typer.echo(f"error: {model}: {e}", err=True)
+        raise typer.Exit(2) from None
     records = restore_paths(inputs, outputs, restorer, detector=build_detector(cfg), align_spec=align_spec(cfg),
                             input_kind=input_kind, log=lambda m: typer.echo(m, err=True))
     failed = [r for r in records if r["error"]]

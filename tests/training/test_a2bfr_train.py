@@ -153,6 +153,9 @@ def test_restore_cli_on_a_real_photo_with_the_trained_lora(tmp_path, training_zo
                                   str(result.final_dir), "--base", str(training_zoo / "flux"), "--steps", "2",
                                   "--prompt", "a photo of a smiling face"])
         assert out.exit_code == 0, out.output
+    missing = runner.invoke(app, ["restore", str(photo), str(tmp_path / "x.png"), "--model", "a2bfr", "--weights",
+                                  str(tmp_path / "nowhere"), "--base", str(training_zoo / "flux")])
+    assert missing.exit_code == 2 and "no A²BFR LoRA at" in missing.output
     restored = read_rgb(tmp_path / "out.png")
     original = read_rgb(photo)
     assert restored.shape == original.shape and not np.array_equal(restored, original)
