@@ -149,13 +149,17 @@ class Objective:
             b = self.branch(model, batch["gt"], cond, list(batch["prompt"]), None, aal)
             return {k: v for k, v in b.items() if k != "probs"}
         need_probs = aal or s.sdt_weight > 0
-        src = self.branch(model, batch["gt_src"], cond, list(batch["prompt_src"]), batch["attr_probs_src"], need_probs)
-        tar = self.branch(model, batch["gt_tar"], cond, list(batch["prompt_tar"]), batch["attr_probs_tar"], need_probs)
-        out = {"diff": (src["diff"] + tar["diff"]) / 2}
+        # Both targets in one transformer call (rows [src; tar], the same LQ condition twice): equal halves, so the
+        # batch means are the means of the two branches' means.
+        both = self.branch(model, torch.cat([batch["gt_src"], batch["gt_tar"]]), torch.cat([cond, cond]),
+                           list(batch["prompt_src"]) + list(batch["prompt_tar"]),
+                           torch.cat([batch["attr_probs_src"], batch["attr_probs_tar"]]), need_probs)
+        out = {"diff": both["diff"]}
         if need_probs:
-            out["attr"] = (src["attr"] + tar["attr"]) / 2
+            out["attr"] = both["attr"]
             index = torch.as_tensor(batch["attr_index"], device=cond.device).long().view(-1, 1)
-            a_src, a_tar = src["probs"].gather(1, index)[:, 0], tar["probs"].gather(1, index)[:, 0]
+            p_src, p_tar = both["probs"].chunk(2)
+            a_src, a_tar = p_src.gather(1, index)[:, 0], p_tar.gather(1, index)[:, 0]
             out["dual"] = dual_hinge(a_src, a_tar, s.sdt_margin)
             out["gap"] = (a_tar - a_src).abs().mean()
         return out
