@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import platform
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _timing import peak_gib, reset_peak, timed  # benchmarks/_timing.py
 from training.a2bfr.losses import flow_sample
 from training.a2bfr.model import ConditionedFlux, add_condition_lora, freeze_unused_lora, set_lora_scale
 from training.engine import TrainSettings, build_optimizer, set_attention_backend
@@ -71,36 +70,6 @@ class Row:
     @property
     def per_sample(self) -> float:
         return self.seconds / self.batch
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def _timed(fn, device: torch.device, *, warmup: int, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after ``warmup`` untimed ones, synchronised around each timer."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # -- models -------------------------------------------------------------------------------------------------------
@@ -380,12 +349,12 @@ def main() -> None:
             inp = make_inputs(transformer.config, batch, args.resolution, args.text_tokens, device, dtype)
             base = None
             for variant in ["plain", *args.train_attends]:
-                _reset_peak(device)
+                reset_peak(device)
                 step, optimizer = training_step_fn(model, params, inp, variant=variant, autocast=autocast)
-                seconds = _timed(step, device, warmup=args.warmup, repeats=args.repeats)
+                seconds = timed(step, device, warmup=args.warmup, repeats=args.repeats)
                 label = ("training: plain Flux LoRA step, no condition" if variant == "plain" else
                          f"training: ConditionedFlux + {tokens} condition tokens, condition_attends={variant!r}")
-                row = Row("train", variant, label, batch, seconds, _peak(device))
+                row = Row("train", variant, label, batch, seconds, peak_gib(device))
                 base = base or seconds
                 row.ratio = seconds / base
                 rows.append(row)
@@ -404,12 +373,12 @@ def main() -> None:
                         ("cache", 'restore: condition_attends="self" + condition_cache'),
                         ("plain", "restore: no condition tokens (plain Flux, the floor)")]
             for variant, label in variants:
-                _reset_peak(device)
+                reset_peak(device)
                 run = restore_fn(model, scheduler, inp, variant=variant, steps=args.steps)
                 for _ in range(args.warmup):
                     run(2)
-                seconds = _timed(run, device, warmup=0, repeats=args.repeats)
-                row = Row("restore", variant, label, batch, seconds, _peak(device))
+                seconds = timed(run, device, warmup=0, repeats=args.repeats)
+                row = Row("restore", variant, label, batch, seconds, peak_gib(device))
                 base = base or seconds
                 row.ratio = seconds / base
                 rows.append(row)
@@ -423,10 +392,10 @@ def main() -> None:
                     pipe(lq, height=args.resolution, width=args.resolution, num_inference_steps=args.steps,
                          output_type="pt", progress=False, generator=torch.Generator().manual_seed(0))
 
-                _reset_peak(device)
-                seconds = _timed(call, device, warmup=1, repeats=args.repeats)
+                reset_peak(device)
+                seconds = timed(call, device, warmup=1, repeats=args.repeats)
                 row = Row("restore", "pipeline", 'restore: A2BFRPipeline.__call__ end to end ("all", VAE + text '
-                          "encoders)", batch, seconds, _peak(device), seconds / base)
+                          "encoders)", batch, seconds, peak_gib(device), seconds / base)
                 rows.append(row)
                 log(row)
             del inp

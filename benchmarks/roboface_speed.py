@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import platform
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from _timing import peak_gib, reset_peak, timed  # benchmarks/_timing.py
 from training.engine import TrainSettings, build_optimizer, set_attention_backend
 from training.roboface.attention import install_dca
 from training.roboface.config import RoboFaceConfig
@@ -68,36 +67,6 @@ class Row:
     @property
     def per_item(self) -> float:
         return self.seconds / self.batch
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def _timed(fn, device: torch.device, *, warmup: int, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after ``warmup`` untimed ones, synchronised around each timer."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # -- networks -----------------------------------------------------------------------------------------------------
@@ -292,10 +261,10 @@ def main() -> None:
             if nets.dca is not None:
                 nets.dca.float()
             inp = make_inputs(nets, args.batch, args.resolution, device)
-            _reset_peak(device)
+            reset_peak(device)
             step, optimizer = training_step_fn(nets, trained, inp, dca=dca == "on", autocast=autocast)
-            seconds = _timed(step, device, warmup=args.warmup, repeats=args.repeats)
-            add(Row("train", dca, "stage-II training step", args.batch, seconds, _peak(device), "sample"))
+            seconds = timed(step, device, warmup=args.warmup, repeats=args.repeats)
+            add(Row("train", dca, "stage-II training step", args.batch, seconds, peak_gib(device), "sample"))
             del step, optimizer, inp
             for p in trained:
                 p.grad = None
@@ -305,14 +274,14 @@ def main() -> None:
                 nets.dca.to(dtype)
             inp = make_inputs(nets, 2, args.resolution, device)
             stage1, pair, two_calls = restore_fns(nets, inp, dca=dca == "on", dtype=dtype)
-            _reset_peak(device)
-            t1 = _timed(stage1, device, warmup=args.warmup, repeats=args.repeats)
-            add(Row("stage1", dca, "restore stage I: UNet on N tokens", 1, t1, _peak(device), "step"))
-            t2 = _timed(pair, device, warmup=args.warmup, repeats=args.repeats)
-            add(Row("pair", dca, "restore stage II: UNet + ControlNet, CFG pair batched", 2, t2, _peak(device),
+            reset_peak(device)
+            t1 = timed(stage1, device, warmup=args.warmup, repeats=args.repeats)
+            add(Row("stage1", dca, "restore stage I: UNet on N tokens", 1, t1, peak_gib(device), "step"))
+            t2 = timed(pair, device, warmup=args.warmup, repeats=args.repeats)
+            add(Row("pair", dca, "restore stage II: UNet + ControlNet, CFG pair batched", 2, t2, peak_gib(device),
                     "image"))
-            t3 = _timed(two_calls, device, warmup=args.warmup, repeats=args.repeats)
-            add(Row("two_calls", dca, "restore stage II: CFG pair as two batch-1 calls", 2, t3, _peak(device),
+            t3 = timed(two_calls, device, warmup=args.warmup, repeats=args.repeats)
+            add(Row("two_calls", dca, "restore stage II: CFG pair as two batch-1 calls", 2, t3, peak_gib(device),
                     "image"))
             add(Row("restore", dca, f"restore: {args.steps} + {args.steps} steps per face (from the rows above)",
                     1, args.steps * (t1 + t2), None, "face"))
