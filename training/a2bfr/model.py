@@ -127,6 +127,13 @@ def _attend(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torc
     return out.transpose(1, 2).flatten(2).to(q.dtype)
 
 
+def _attend_main(q_m, k_m, v_m, k_c, v_c) -> torch.Tensor:
+    """Text and image queries over their own keys and the condition's (computed now or cached), if any."""
+    if k_c is None:
+        return _attend(q_m, [k_m], [v_m])
+    return _attend(q_m, [k_m, k_c], [v_m, v_c])
+
+
 @dataclass
 class Streams:
     """Per-block state: main = [text; image] tokens (None when only the condition runs), cond = condition tokens."""
@@ -163,6 +170,12 @@ class ConditionedFlux(nn.Module):
         guidance = torch.ones_like(guidance) if guidance is not None else None
         return self._temb(torch.zeros_like(like), guidance, pooled, dtype)
 
+    def _attend_condition(self, q_c, k_c, v_c, main_kv: tuple | None) -> torch.Tensor:
+        """Condition queries over every token ("all", when the main streams run) or over themselves only."""
+        if self.condition_attends == "all" and main_kv is not None:
+            return _attend(q_c, [main_kv[0], k_c], [main_kv[1], v_c])
+        return _attend(q_c, [k_c], [v_c])
+
     # -- blocks -----------------------------------------------------------------------------------------------
     def _double(self, block, s: Streams, temb, temb_c, rope_main, rope_c, cache_in, record: list | None) -> Streams:
         attn = block.attn
@@ -184,16 +197,12 @@ class ConditionedFlux(nn.Module):
         else:
             k_c, v_c = cache_in if cache_in is not None else (None, None)
         if main:
-            keys, values = [k_m] + ([k_c] if k_c is not None else []), [v_m] + ([v_c] if v_c is not None else [])
-            a_m = _attend(q_m, keys, values)
+            a_m = _attend_main(q_m, k_m, v_m, k_c, v_c)
             a_t, a_i = a_m[:, : s.txt.shape[1]], a_m[:, s.txt.shape[1]:]
             out_t = self._double_tail(s.txt, attn.to_add_out(a_t), g_t, block.norm2_context, block.ff_context, None)
             out_i = self._double_tail(s.img, _linear(attn.to_out[0], a_i, False), g_i, block.norm2, block.ff, False)
         if s.cond is not None:
-            if self.condition_attends == "all" and main:
-                a_c = _attend(q_c, [k_m, k_c], [v_m, v_c])
-            else:
-                a_c = _attend(q_c, [k_c], [v_c])
+            a_c = self._attend_condition(q_c, k_c, v_c, (k_m, v_m) if main else None)
             out_c = self._double_tail(s.cond, _linear(attn.to_out[0], a_c, True), g_c, block.norm2, block.ff, True)
         return Streams(out_t, out_i, out_c)
 
@@ -235,14 +244,10 @@ class ConditionedFlux(nn.Module):
         else:
             k_c, v_c = cache_in if cache_in is not None else (None, None)
         if main:
-            keys, values = [k_m] + ([k_c] if k_c is not None else []), [v_m] + ([v_c] if v_c is not None else [])
-            out_m = finish(x_m, _attend(q_m, keys, values), mlp_m, gate_m, False)
+            out_m = finish(x_m, _attend_main(q_m, k_m, v_m, k_c, v_c), mlp_m, gate_m, False)
         if s.cond is not None and not last:
             q_c = _rope(q_c, rope_c)
-            if self.condition_attends == "all" and main:
-                a_c = _attend(q_c, [k_m, k_c], [v_m, v_c])
-            else:
-                a_c = _attend(q_c, [k_c], [v_c])
+            a_c = self._attend_condition(q_c, k_c, v_c, (k_m, v_m) if main else None)
             out_c = finish(s.cond, a_c, mlp_c, gate_c, True)
         n_txt = s.txt.shape[1] if main else 0
         return Streams(out_m[:, :n_txt] if main else None, out_m[:, n_txt:] if main else None, out_c)
