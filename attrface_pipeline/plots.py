@@ -19,6 +19,15 @@ from matplotlib import pyplot as plt  # noqa: E402
 STATE_COLOURS = {"positive": "#2a9d8f", "negative": "#e76f51", "unknown": "#bdbdbd"}
 
 
+def _png(fig) -> bytes:
+    """Lay out, render to PNG bytes and free the figure."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def stacked_bar_png(rows: Sequence[dict], label: str, parts: Sequence[str], title: str) -> bytes:
     """Horizontal stacked bars, one per row (``row[label]``), segments ``row[part]`` for each part."""
     fig, ax = plt.subplots(figsize=(6.4, 0.32 * max(len(rows), 3) + 1.0), dpi=100)
@@ -32,11 +41,7 @@ def stacked_bar_png(rows: Sequence[dict], label: str, parts: Sequence[str], titl
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     ax.tick_params(labelsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def histograms_png(series: dict[str, Sequence[float]], thresholds: dict[str, float | None], title: str) -> bytes:
@@ -53,11 +58,7 @@ def histograms_png(series: dict[str, Sequence[float]], thresholds: dict[str, flo
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def _ema(values: Sequence[float], smoothing: float) -> list[float]:
@@ -87,8 +88,4 @@ def loss_curve_png(rows: Sequence[dict], keys: Sequence[str] = ("loss",), title:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
