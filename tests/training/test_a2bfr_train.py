@@ -117,7 +117,7 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path, training_zoo, two
     proc.wait()
     killed_at = int(latest.read_text().strip().rsplit("-", 1)[1])
     saved = torch.load(tmp_path / "run" / "checkpoints" / latest.read_text().strip() / "optimizer.pt",
-                       weights_only=False)
+                       weights_only=True)
     assert killed_at >= 3 and killed_at < 400
 
     resumed_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": killed_at + 2})})
@@ -126,7 +126,7 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path, training_zoo, two
     steps = [r["step"] for r in read_losses(result.losses_path)]
     assert steps == list(range(1, killed_at + 3))  # no gap, no duplicate
     final = torch.load(tmp_path / "run" / "checkpoints" / f"checkpoint-{killed_at + 2:06d}" / "optimizer.pt",
-                       weights_only=False)
+                       weights_only=True)
     group0, group1 = saved["param_groups"][0], final["param_groups"][0]
     assert group1["k"] == group0["k"] + 2  # Prodigy's own step counter continued, not restarted
     # its step-size estimate carried over: d never shrinks, and its running numerator went on from the saved one
