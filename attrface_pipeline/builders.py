@@ -256,3 +256,105 @@ def roboface_train_config(cfg: PipelineConfig, *, shards: str, stage: str, capti
     body["run"] = {"output_dir": str(run), "checkpoint_every": r.checkpoint_every, "mixed_precision": r.mixed_precision,
                    "gradient_checkpointing": r.gradient_checkpointing}
     return RoboFaceTrainConfig.model_validate(body)
+
+
+# Evaluation
+
+
+def _scorer_or_reason(what: str, build):
+    """The built scorer, or why it cannot be built (shown in the report's n/a cells)."""
+    try:
+        return build()
+    except Exception as err:  # noqa: BLE001 - a metric that cannot load is reported, not fatal
+        return f"{what} not available: {type(err).__name__}: {err}"[:400]
+
+
+def build_eval_scorers(cfg: PipelineConfig, metrics: list[str] | None = None):
+    """LPIPS, the FID extractor, the identity scorer, the pyiqa metrics and the VLM judge of ``eval`` -- each built
+    only when one of ``metrics`` (default ``eval.metrics``) needs it; a string in its place is the reason it is not
+    available."""
+    from training.eval.metrics import HFVisionFeatures, NoReferenceIQA
+    from training.eval.networks import LPIPS, FIDInceptionV3
+    from training.eval.report import NR_METRICS, Scorers
+
+    e = cfg.eval
+    metrics = list(e.metrics if metrics is None else metrics)
+    device = resolve_device(e.device)
+    store = ModelStore.from_config(cfg)
+    unused = "not requested (eval.metrics)"
+
+    def network(spec: str | None, load, field: str):
+        if spec is None:
+            raise FileNotFoundError(f"eval.{field} is not set; README (Evaluation) lists the standard weight files")
+        return load(store.resolve(spec)).to(device).eval()
+
+    def fid_extractor():
+        if e.fid_extractor == "inception":
+            return network(e.fid_weights, FIDInceptionV3.from_pretrained, "fid_weights")
+        return network(e.fid_weights, HFVisionFeatures, "fid_weights")
+
+    lpips = (_scorer_or_reason("LPIPS", lambda: network(e.lpips_weights, LPIPS.from_pretrained, "lpips_weights"))
+             if "lpips" in metrics else unused)
+    fid = _scorer_or_reason(f"FID ({e.fid_extractor})", fid_extractor) if "fid" in metrics else unused
+    identity = (_scorer_or_reason(f"identity ({cfg.qc.identity_backend})", lambda: build_identity_scorer(cfg))
+                if {"ids", "cp_ids"} & set(metrics) else unused)
+    iqa = {m: _scorer_or_reason(m, lambda m=m: NoReferenceIQA(m, device=device)) for m in NR_METRICS if m in metrics}
+    judge = build_judge(cfg) if {"sc", "aa"} & set(metrics) else unused
+    return Scorers(lpips=lpips, fid=fid, identity=identity, iqa=iqa, judge=judge, batch_size=e.batch_size)
+
+
+def build_judge(cfg: PipelineConfig):
+    """The VLM judge of ``eval.judge`` with its answer cache under ``<cache_dir>/judge``, checked against the
+    server; the reason it is not available otherwise."""
+    from training.eval.judge import VLMJudge
+
+    j = cfg.eval.judge
+    if not j.base_url:
+        return "no VLM judge configured (set eval.judge.base_url to an OpenAI-compatible server with image input)"
+    judge = VLMJudge(j.base_url, j.model, api_key=os.environ.get(j.api_key_env, "EMPTY"),
+                     cache_dir=cfg.paths.cache_dir / "judge", retry=RetryPolicy(max_retries=j.max_retries),
+                     concurrency=j.concurrency, timeout_s=j.timeout_s)
+    try:
+        judge.preflight()
+    except Exception as err:  # noqa: BLE001 - an unreachable judge makes SC/AA n/a, with the reason
+        judge.close()
+        return f"VLM judge at {j.base_url} not usable: {type(err).__name__}: {err}"[:400]
+    return judge
+
+
+def build_eval_methods(cfg: PipelineConfig, weights: dict[str, str | None]):
+    """The report's methods in ``eval.methods`` order, then ``eval.external``. ``weights`` maps a model method to
+    its trained folder (the ``a2bfr_lora`` / ``roboface_model`` checkpoint), None when not trained yet."""
+    from pathlib import Path
+
+    from training.eval.report import MODELS, Method, baseline_methods, external_methods
+
+    e = cfg.eval
+    device = resolve_device(e.device)
+    dtype = resolve_dtype("auto", device)
+    methods = []
+    for name in e.methods:
+        if name not in MODELS:
+            methods += baseline_methods([name], bicubic_factor=e.bicubic_factor)
+            continue
+        folder = weights.get(name)
+        asset = {"a2bfr": "a2bfr_lora", "roboface": "roboface_model"}[name]
+        base = cfg.models.flux if name == "a2bfr" else cfg.models.sd2_controlnet
+        if not folder or not Path(folder).is_dir():
+            methods.append(Method(name, "model", f"{base} + (untrained)", prompted=True,
+                                  unavailable=f"{asset} is not materialized yet (no trained weights"
+                                              f"{' at ' + str(folder) if folder else ''}); materialize it first"))
+            continue
+        steps = e.a2bfr_steps if name == "a2bfr" else e.roboface_steps
+        model_id = f"{base} + {folder} (steps {steps or 'default'}, seed {e.seed}, {dtype})"
+
+        def load(name=name, folder=folder, base=base, steps=steps):
+            base_path = ModelStore.from_config(cfg).resolve(base)
+            if name == "a2bfr":
+                from training.a2bfr.restore import build_restorer
+            else:
+                from training.roboface.restore import build_restorer
+            return build_restorer(base_path, folder, device=device, dtype=dtype, steps=steps, seed=e.seed)
+
+        methods.append(Method(name, "model", model_id, prompted=True, load=load))
+    return methods + external_methods(e.external)

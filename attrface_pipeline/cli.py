@@ -226,3 +226,44 @@ def restore(
                + (f"; {len(failed)} failed" if failed else ""))
     if failed and len(failed) == len(records):
         raise typer.Exit(1)
+
+
+@app.command("evaluate")
+def evaluate(
+    pred: Path = typer.Option(..., "--pred", help="folder of restored faces (aligned crops)"),
+    gt: Path = typer.Option(..., "--gt", help="folder of ground-truth faces with the same file names"),
+    metrics: Optional[list[str]] = typer.Option(
+        None, "--metric", help="repeatable; default: psnr ssim lpips ids fid and the no-reference metrics "
+        "(those need the [iqa] extra)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
+    profile: Optional[str] = typer.Option(None),
+    config: Optional[list[str]] = typer.Option(None, "--config", help="YAML settings file(s)"),
+) -> None:
+    """Metrics of a folder of restorations against a folder of GT faces (paired by file name)."""
+    from attrface_pipeline.builders import build_eval_scorers
+    from attrface_pipeline.storage import atomic_write_json
+    from training.eval.report import FOLDER_METRICS, LABELS, evaluate_folders
+
+    chosen = metrics or list(FOLDER_METRICS)
+    unknown = sorted(set(chosen) - set(FOLDER_METRICS))
+    if unknown:
+        raise typer.BadParameter(f"unknown metric(s) {unknown}; choose from {list(FOLDER_METRICS)}")
+    cfg = _config_or_exit(profile, config)
+    try:
+        cells, unpaired = evaluate_folders(pred, gt, build_eval_scorers(cfg, chosen), metrics=chosen)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if unpaired:
+        typer.echo(f"warning: {len(unpaired)} file(s) in only one folder, skipped (e.g. {unpaired[0]})", err=True)
+    n = max((c.n for c in cells.values()), default=0)
+    typer.echo(f"{n} pairs")
+    for metric, cell in cells.items():
+        shown = f"{cell.value:.4f}" if cell.value is not None else f"n/a ({cell.note})"
+        typer.echo(f"{LABELS[metric]:<10} {shown}")
+    if json_out is not None:
+        atomic_write_json(json_out, {"pred": str(pred), "gt": str(gt), "pairs": n, "unpaired": unpaired,
+                                     "metrics": {m: {"value": c.value, "n": c.n, "note": c.note}
+                                                 for m, c in cells.items()}})
+    if all(c.value is None for c in cells.values()):
+        raise typer.Exit(1)

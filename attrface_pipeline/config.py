@@ -341,6 +341,66 @@ class RoboFaceSection(_Strict):
     output_dir: Path | None = Field(None, description="run folders' root; default <data_root>/models/roboface")
 
 
+class JudgeConfig(_Strict):
+    """The VLM judge of SC and AA: an OpenAI-compatible server with image input (``vllm serve
+    Qwen/Qwen3-VL-8B-Instruct --port 8002``). None: SC and AA are reported as not available."""
+
+    base_url: str | None = None
+    model: str | None = Field(None, description="served model name (None: the first the server lists)")
+    api_key_env: str = Field("ATTRFACE_JUDGE_API_KEY", description="environment variable holding the API key")
+    concurrency: int = Field(8, ge=1)
+    max_retries: int = Field(2, ge=0, description="extra attempts after a malformed answer or a server error")
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class EvalConfig(_Strict):
+    """The ``eval_report`` asset and ``attrface evaluate``: methods x benchmark sets x metrics.
+
+    Weight files with no hub repo (LPIPS, FID Inception) are local folders; see README ("Evaluation") for the
+    standard files. Offline: the tiny random files in the same formats, so every code path runs.
+    """
+
+    methods: list[str] = Field(default_factory=lambda: ["a2bfr", "roboface", "bicubic", "identity"],
+                               description="models (a2bfr, roboface: the trained assets' weights) and weight-free "
+                                           "baselines (bicubic, identity)")
+    external: dict[str, str] = Field(
+        default_factory=dict, description="name -> folder of another method's outputs, laid out "
+        "<folder>/<set>/<level>/<key>.png (CodeFormer, DiffBIR, GFPGAN run on the sets' lq/<level>/ folders)")
+    sets: list[str] = Field(default_factory=lambda: ["attrface_test", "celeba_test_levels", "real_lq"])
+    max_faces: int | None = Field(8, ge=1, description="first N keys of each set (None: all)")
+    metrics: list[str] = Field(
+        default_factory=lambda: ["psnr", "ssim", "lpips", "ids", "fid", "musiq", "maniqa", "clipiqa", "hyperiqa",
+                                 "topiq", "sc", "aa", "cp_ids"])
+    lpips_weights: str | None = Field("tiny/lpips", description="folder with alexnet-owt-7be5be79.pth + alex.pth")
+    fid_extractor: Literal["inception", "hf"] = Field(
+        "inception", description="inception: pytorch-fid's FID Inception-v3 (the papers' FID); hf: pooled features "
+        "of a transformers vision model (CLIP, DINOv2)")
+    fid_weights: str | None = Field("tiny/fid-inception", description="inception: folder or pt_inception-2015-12-05-"
+                                    "6726825d.pth; hf: a model spec")
+    bicubic_factor: int = Field(4, ge=1, description="bicubic baseline: LQ down by this factor (area), bicubic up")
+    a2bfr_steps: int | None = Field(4, ge=1, description="None: the pipeline's default (28)")
+    roboface_steps: int | None = Field(4, ge=1, description="None: the restorer's default (50)")
+    batch_size: int = Field(4, ge=1)
+    device: str = "auto"
+    seed: int = 0
+    grid_faces: int = Field(4, ge=0, description="rows of each set's sample grid")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+
+    @model_validator(mode="after")
+    def _known_names(self) -> EvalConfig:
+        from training.eval.report import BASELINES, METRICS, MODELS, SETS
+
+        problems = [f"{kind} {bad} unknown; known: {sorted(known)}" for kind, values, known in (
+            ("method(s)", self.methods, {*MODELS, *BASELINES}), ("set(s)", self.sets, SETS),
+            ("metric(s)", self.metrics, METRICS)) if (bad := [v for v in values if v not in known])]
+        clash = sorted(set(self.external) & {*MODELS, *BASELINES})
+        if clash:
+            problems.append(f"external method name(s) {clash} clash with built-in methods")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class ModelsConfig(_Strict):
     """Model specs: a hub id (``org/name`` or ``org/name@revision``), a local directory, or ``tiny/<name>``."""
 
@@ -368,6 +428,7 @@ class PipelineConfig(_Strict):
     benchmarks: BenchmarksConfig = Field(default_factory=BenchmarksConfig)
     a2bfr: A2BFRConfig = Field(default_factory=A2BFRConfig)
     roboface: RoboFaceSection = Field(default_factory=RoboFaceSection)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
 
     @field_validator("profile")
@@ -417,6 +478,11 @@ FULL_PROFILE: dict[str, Any] = {
                  "caption_backend": "vlm", "caption_model": "llava-hf/llava-1.5-13b-hf",
                  "caption_base_url": "http://127.0.0.1:8001/v1", "mixed_precision": "bf16", "checkpoint_every": 1000,
                  "sample_faces": 4, "sample_steps": 50},
+    # The papers evaluate every test face at the restorers' own step counts. LPIPS / FID Inception weights are
+    # release files, not hub repos: download them to these folders (README, "Evaluation").
+    "eval": {"max_faces": None, "a2bfr_steps": None, "roboface_steps": None,
+             "lpips_weights": "./data/cache/lpips", "fid_weights": "./data/cache/fid_inception",
+             "judge": {"base_url": "http://127.0.0.1:8002/v1", "model": "Qwen/Qwen3-VL-8B-Instruct"}},
     "models": {
         "sd3": "stabilityai/stable-diffusion-3.5-large",
         "flux": "black-forest-labs/FLUX.1-dev",

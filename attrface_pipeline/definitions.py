@@ -17,6 +17,7 @@ from attrface_pipeline.assets.a2bfr import a2bfr_lora
 from attrface_pipeline.assets.attributes import edit_prompts, face_attributes
 from attrface_pipeline.assets.benchmarks import attrface_test, celeba_test_levels, real_lq
 from attrface_pipeline.assets.edits import edits
+from attrface_pipeline.assets.evaluation import eval_report
 from attrface_pipeline.assets.identity import face_identities
 from attrface_pipeline.assets.ingest import faces, raw_images
 from attrface_pipeline.assets.partitions import SOURCE_PARTITIONS
@@ -32,6 +33,7 @@ PUBLISH_ASSETS = [attrface_shards, dataset_card]
 DATASET_ASSETS = CHUNK_ASSETS + PUBLISH_ASSETS
 BENCHMARK_ASSETS = [attrface_test, celeba_test_levels, real_lq]
 MODEL_ASSETS = [a2bfr_lora, roboface_captions, roboface_stage1, roboface_model]
+EVAL_ASSETS = [eval_report]
 
 
 def _all_chunks_tags() -> dict[str, str]:
@@ -86,9 +88,17 @@ train_roboface = dg.define_asset_job(
     description="Train RoboFace (captions, stage I, stage II) on the published shards (after build_dataset); resumes.",
 )
 
+evaluate = dg.define_asset_job(
+    "evaluate",
+    selection=EVAL_ASSETS,
+    description="The evaluation report: every configured method on every benchmark set, tables beside the papers' "
+    "(after build_benchmarks; trained models are used when train_a2bfr / train_roboface have run).",
+)
+
 defs = dg.Definitions(
-    assets=DATASET_ASSETS + BENCHMARK_ASSETS + MODEL_ASSETS,
-    jobs=[build_dataset, build_dataset_chunk, publish_dataset, build_benchmarks, train_a2bfr, train_roboface],
+    assets=DATASET_ASSETS + BENCHMARK_ASSETS + MODEL_ASSETS + EVAL_ASSETS,
+    jobs=[build_dataset, build_dataset_chunk, publish_dataset, build_benchmarks, train_a2bfr, train_roboface,
+          evaluate],
     resources={"attrface": AttrFaceConfig()},
     executor=guarded_executor(_preflight),
 )

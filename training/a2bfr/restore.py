@@ -38,12 +38,17 @@ class A2BFRRestorer:
                 settings[key] = trained[key]
         return cls(pipe=pipe, record=record, **{k: v for k, v in settings.items() if v is not None})
 
-    def __call__(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+    def __call__(self, crops: list[np.ndarray], prompts: list[str] | None = None) -> list[np.ndarray]:
+        """Restore aligned crops; ``prompts`` (one per crop) replace the restorer's prompt, e.g. an attribute
+        target."""
+        if prompts is not None and len(prompts) != len(crops):
+            raise ValueError(f"{len(prompts)} prompts for {len(crops)} crops")
         out: list[np.ndarray] = []
         size = self.resolution
         for start in range(0, len(crops), self.batch_size):
             chunk = crops[start:start + self.batch_size]
-            images = self.pipe([c for c in chunk], [self.prompt] * len(chunk), height=size, width=size,
+            texts = prompts[start:start + self.batch_size] if prompts is not None else [self.prompt] * len(chunk)
+            images = self.pipe([c for c in chunk], texts, height=size, width=size,
                                num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
                                image_guidance_scale=self.image_guidance_scale,
                                max_sequence_length=self.max_sequence_length,

@@ -51,11 +51,15 @@ class RoboFaceRestoreFn:
     seed: int = 0
     batch_size: int = 4
 
-    def __call__(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+    def __call__(self, crops: list[np.ndarray], prompts: list[str] | None = None) -> list[np.ndarray]:
+        """Restore aligned crops; ``prompts`` (one per crop) replace the captions, as ``prompt`` does."""
+        if prompts is not None and len(prompts) != len(crops):
+            raise ValueError(f"{len(prompts)} prompts for {len(crops)} crops")
         out: list[np.ndarray] = []
         for start in range(0, len(crops), self.batch_size):
+            text = prompts[start:start + self.batch_size] if prompts is not None else self.prompt
             # each crop's noise comes from seed + its index in the call (the restorer adds the index in the batch)
-            out += self.restorer.restore(crops[start:start + self.batch_size], self.prompt, steps=self.steps,
+            out += self.restorer.restore(crops[start:start + self.batch_size], text, steps=self.steps,
                                          guidance=self.guidance, seed=self.seed + start)
         return out
 
