@@ -8,6 +8,7 @@ outputs are meaningless, shapes and formats are real. Sizes follow ENVIRONMENT.m
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -307,6 +308,79 @@ def make_insightface(out: Path) -> None:
     )
 
 
+def _he(*shape: int) -> torch.Tensor:
+    """He-scaled normal conv weight, so activations keep their scale through a deep random ReLU net."""
+    return torch.randn(*shape) * (2.0 / math.prod(shape[1:])) ** 0.5
+
+
+def make_lpips(out: Path) -> None:
+    """LPIPS v0.1 (AlexNet): torchvision's ``alexnet-owt-7be5be79.pth`` (``features.*`` only; the loader ignores the
+    classifier) and PerceptualSimilarity's ``alex.pth`` (``lin{i}.model.1.weight``, (1, C, 1, 1), non-negative)."""
+    _seeded(7)
+    features = {}
+    for index, (cin, cout, k) in zip((0, 3, 6, 8, 10), ((3, 64, 11), (64, 192, 5), (192, 384, 3), (384, 256, 3),
+                                                          (256, 256, 3))):
+        features[f"features.{index}.weight"] = _he(cout, cin, k, k)
+        features[f"features.{index}.bias"] = 0.1 * torch.randn(cout)
+    torch.save(features, out / "alexnet-owt-7be5be79.pth")
+    lins = {f"lin{i}.model.1.weight": 0.1 * torch.rand(1, c, 1, 1) for i, c in enumerate((64, 192, 384, 256, 256))}
+    torch.save(lins, out / "alex.pth")
+
+
+def _fid_inception_convs() -> list[tuple[str, int, int, int, int]]:
+    """(name, in, out, kh, kw) of the 94 conv+BN units of pytorch-fid's Inception-v3 (torchvision key names)."""
+    def block(name, units):
+        return [(f"{name}.{branch}", *shape) for branch, *shape in units]
+
+    def a(cin, pool):
+        return [("branch1x1", cin, 64, 1, 1), ("branch5x5_1", cin, 48, 1, 1), ("branch5x5_2", 48, 64, 5, 5),
+                ("branch3x3dbl_1", cin, 64, 1, 1), ("branch3x3dbl_2", 64, 96, 3, 3),
+                ("branch3x3dbl_3", 96, 96, 3, 3), ("branch_pool", cin, pool, 1, 1)]
+
+    def c(c7):
+        return [("branch1x1", 768, 192, 1, 1), ("branch7x7_1", 768, c7, 1, 1), ("branch7x7_2", c7, c7, 1, 7),
+                ("branch7x7_3", c7, 192, 7, 1), ("branch7x7dbl_1", 768, c7, 1, 1), ("branch7x7dbl_2", c7, c7, 7, 1),
+                ("branch7x7dbl_3", c7, c7, 1, 7), ("branch7x7dbl_4", c7, c7, 7, 1),
+                ("branch7x7dbl_5", c7, 192, 1, 7), ("branch_pool", 768, 192, 1, 1)]
+
+    def e(cin):
+        return [("branch1x1", cin, 320, 1, 1), ("branch3x3_1", cin, 384, 1, 1), ("branch3x3_2a", 384, 384, 1, 3),
+                ("branch3x3_2b", 384, 384, 3, 1), ("branch3x3dbl_1", cin, 448, 1, 1),
+                ("branch3x3dbl_2", 448, 384, 3, 3), ("branch3x3dbl_3a", 384, 384, 1, 3),
+                ("branch3x3dbl_3b", 384, 384, 3, 1), ("branch_pool", cin, 192, 1, 1)]
+
+    return [
+        ("Conv2d_1a_3x3", 3, 32, 3, 3), ("Conv2d_2a_3x3", 32, 32, 3, 3), ("Conv2d_2b_3x3", 32, 64, 3, 3),
+        ("Conv2d_3b_1x1", 64, 80, 1, 1), ("Conv2d_4a_3x3", 80, 192, 3, 3),
+        *block("Mixed_5b", a(192, 32)), *block("Mixed_5c", a(256, 64)), *block("Mixed_5d", a(288, 64)),
+        *block("Mixed_6a", [("branch3x3", 288, 384, 3, 3), ("branch3x3dbl_1", 288, 64, 1, 1),
+                            ("branch3x3dbl_2", 64, 96, 3, 3), ("branch3x3dbl_3", 96, 96, 3, 3)]),
+        *block("Mixed_6b", c(128)), *block("Mixed_6c", c(160)), *block("Mixed_6d", c(160)),
+        *block("Mixed_6e", c(192)),
+        *block("Mixed_7a", [("branch3x3_1", 768, 192, 1, 1), ("branch3x3_2", 192, 320, 3, 3),
+                            ("branch7x7x3_1", 768, 192, 1, 1), ("branch7x7x3_2", 192, 192, 1, 7),
+                            ("branch7x7x3_3", 192, 192, 7, 1), ("branch7x7x3_4", 192, 192, 3, 3)]),
+        *block("Mixed_7b", e(1280)), *block("Mixed_7c", e(2048)),
+    ]
+
+
+def make_fid_inception(out: Path) -> None:
+    """pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``: every conv/BN key of the real file plus the 1008-way
+    ``fc``; BN running variances positive."""
+    _seeded(8)
+    state = {}
+    for name, cin, cout, kh, kw in _fid_inception_convs():
+        state[f"{name}.conv.weight"] = _he(cout, cin, kh, kw)
+        state[f"{name}.bn.weight"] = 1 + 0.1 * torch.randn(cout)
+        state[f"{name}.bn.bias"] = 0.1 * torch.randn(cout)
+        state[f"{name}.bn.running_mean"] = 0.1 * torch.randn(cout)
+        state[f"{name}.bn.running_var"] = 0.5 + torch.rand(cout)
+        state[f"{name}.bn.num_batches_tracked"] = torch.tensor(0)
+    state["fc.weight"] = 0.01 * torch.randn(1008, 2048)
+    state["fc.bias"] = torch.zeros(1008)
+    torch.save(state, out / "pt_inception-2015-12-05-6726825d.pth")
+
+
 GENERATORS: dict[str, Callable[[Path], None]] = {
     "sd3": make_sd3,
     "flux": make_flux,
@@ -314,6 +388,8 @@ GENERATORS: dict[str, Callable[[Path], None]] = {
     "qwen3": make_qwen3,
     "farl": make_farl,
     "insightface": make_insightface,
+    "lpips": make_lpips,
+    "fid-inception": make_fid_inception,
 }
 
 
