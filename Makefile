@@ -5,7 +5,7 @@ export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 # The same defaults the activated venv has (scripts/attrface_env.sh): bare `dagster job execute -j <job>` works.
 ATTRFACE_ENV := . scripts/attrface_env.sh &&
 
-.PHONY: setup setup-vllm demo train-a2bfr train-roboface lint test test-fast ui bench bench-verbalize bench-flowedit bench-publish bench-loader bench-degradation bench-a2bfr review clean
+.PHONY: setup setup-vllm demo train-a2bfr train-roboface lint test test-fast ui bench bench-verbalize bench-flowedit bench-publish bench-loader bench-degradation bench-a2bfr bench-eval evaluate review clean
 
 setup:
 	bash scripts/setup.sh
@@ -18,6 +18,9 @@ demo: setup
 
 train-a2bfr:
 	$(ATTRFACE_ENV) $(VENV)/bin/dagster job execute -j train_a2bfr
+
+evaluate:
+	$(ATTRFACE_ENV) $(VENV)/bin/dagster job execute -j evaluate
 
 train-roboface:
 	$(ATTRFACE_ENV) $(VENV)/bin/dagster job execute -j train_roboface
@@ -54,6 +57,9 @@ bench-degradation:
 
 bench-a2bfr:
 	$(VENV)/bin/python benchmarks/a2bfr_speed.py
+
+bench-eval:
+	$(VENV)/bin/python benchmarks/eval_metrics_speed.py --report
 
 review:
 	$(VENV)/bin/attrface review

@@ -367,7 +367,7 @@ class EvalConfig(_Strict):
         default_factory=dict, description="name -> folder of another method's outputs, laid out "
         "<folder>/<set>/<level>/<key>.png (CodeFormer, DiffBIR, GFPGAN run on the sets' lq/<level>/ folders)")
     sets: list[str] = Field(default_factory=lambda: ["attrface_test", "celeba_test_levels", "real_lq"])
-    max_faces: int | None = Field(8, ge=1, description="first N keys of each set (None: all)")
+    max_faces: int | None = Field(4, ge=1, description="first N keys of each set (None: all)")
     metrics: list[str] = Field(
         default_factory=lambda: ["psnr", "ssim", "lpips", "ids", "fid", "musiq", "maniqa", "clipiqa", "hyperiqa",
                                  "topiq", "sc", "aa", "cp_ids"])

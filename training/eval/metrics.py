@@ -139,19 +139,26 @@ def _psd_sqrt(m: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) of two (N, D) feature sets.
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) of two (N, D) feature sets, exact (no sqrtm iteration).
 
-    Tr((S_a S_b)^1/2) is computed as Tr((A S_b A)^1/2) with A = S_a^1/2 (similar matrices, both symmetric PSD), so it
-    is exact and real even when few samples make the covariances singular.
+    With centred features X_a, X_b and c = (n_a - 1)(n_b - 1), the eigenvalues of S_a S_b are those of
+    (X_a X_b^T)^T (X_a X_b^T) / c (plus zeros), so Tr((S_a S_b)^1/2) is the nuclear norm of X_a X_b^T / sqrt(c): an
+    n_a x n_b problem, cheap for evaluation-sized sets. Large sets use Tr((A S_b A)^1/2) with A = S_a^1/2 (D x D).
+    Both stay real and exact when few samples make the covariances singular.
     """
     feats_a, feats_b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
     if len(feats_a) < 2 or len(feats_b) < 2:
         raise ValueError(f"FID needs at least 2 images per side (got {len(feats_a)} and {len(feats_b)})")
+    (na, dim), nb = feats_a.shape, len(feats_b)
     mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
-    cov_a, cov_b = np.atleast_2d(np.cov(feats_a, rowvar=False)), np.atleast_2d(np.cov(feats_b, rowvar=False))
-    root = _psd_sqrt(cov_a)
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ cov_b @ root), 0, None)).sum()
-    return float(max(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * cross, 0.0))
+    xa, xb = feats_a - mu_a, feats_b - mu_b
+    trace_a, trace_b = np.sum(xa * xa) / (na - 1), np.sum(xb * xb) / (nb - 1)
+    if na * nb <= max(dim * dim, 4096 * 4096):
+        cross = np.linalg.svd(xa @ xb.T / np.sqrt((na - 1) * (nb - 1)), compute_uv=False).sum()
+    else:
+        root = _psd_sqrt(xa.T @ xa / (na - 1))
+        cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ (xb.T @ xb / (nb - 1)) @ root), 0, None)).sum()
+    return float(max(np.sum((mu_a - mu_b) ** 2) + trace_a + trace_b - 2 * cross, 0.0))
 
 
 def fid(extractor: torch.nn.Module, preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], *,

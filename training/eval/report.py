@@ -21,6 +21,7 @@ asset and ``attrface evaluate`` are thin wrappers.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import json
@@ -298,8 +299,9 @@ def _judged(judgements: Sequence) -> tuple[float, int]:
 
 def score_restoration(metrics: Sequence[str], scorers: Scorers, preds: list[np.ndarray],
                       gts: list[np.ndarray] | None, *, prompts: list[str] | None,
-                      fid_reference: list[np.ndarray] | str) -> dict[str, Cell]:
-    """Restoration-table cells of one (method, set, level)."""
+                      fid_reference: Callable[[], np.ndarray] | str) -> dict[str, Cell]:
+    """Restoration-table cells of one (method, set, level). ``fid_reference`` gives the FID reference set's
+    features (computed once per set: :func:`reference_features`), or is the reason there is none."""
     out: dict[str, Cell] = {}
     bs = scorers.batch_size
     for metric in metrics:
@@ -322,12 +324,18 @@ def score_restoration(metrics: Sequence[str], scorers: Scorers, preds: list[np.n
             if isinstance(fid_reference, str):
                 out[metric] = Cell(None, note=fid_reference)
             else:
-                out[metric] = _scored(lambda s=scorer: (M.fid(s, preds, fid_reference, batch_size=bs), len(preds)))
+                out[metric] = _scored(lambda s=scorer: (M.frechet_distance(
+                    M.image_features(s, preds, batch_size=bs), fid_reference()), len(preds)))
         elif metric in NR_METRICS:
             out[metric] = _scored(lambda s=scorer: (_mean(s(preds)), len(preds)))
         elif metric == "sc" and prompts is not None:
             out[metric] = _scored(lambda s=scorer: _judged(s.consistency(preds, prompts)))
     return out
+
+
+def reference_features(scorers: Scorers, images: list[np.ndarray]) -> Callable[[], np.ndarray]:
+    """The FID extractor's features of a reference set, computed on first use and then reused."""
+    return functools.cache(lambda: M.image_features(scorers.fid, images, batch_size=scorers.batch_size))
 
 
 def score_attribute(metrics: Sequence[str], scorers: Scorers, src_preds: list[np.ndarray],
@@ -497,10 +505,10 @@ def run_report(sets: Sequence[BenchSet], methods: Sequence[Method], scorers: Sco
         tars = ({r["key"]: _read(bset.root / r["tar_path"]) for r in bset.level_rows(bset.levels[0])}
                 if bset.has_targets else None)
         if gts is not None:
-            reference: list[np.ndarray] | str = list(gts.values())
+            reference: Callable[[], np.ndarray] | str = reference_features(scorers, list(gts.values()))
         elif hq_reference is not None and hq_reference.has_gt:
-            reference = [_read(hq_reference.root / r["gt_path"])
-                         for r in hq_reference.level_rows(hq_reference.levels[0])]
+            reference = reference_features(scorers, [_read(hq_reference.root / r["gt_path"])
+                                                     for r in hq_reference.level_rows(hq_reference.levels[0])])
         else:
             reference = "no HQ reference set for FID (add celeba_test_levels to eval.sets)"
         for level in bset.levels:
@@ -656,5 +664,5 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, scorers: Scorers,
     gts = [_read(g) for _, _, g in pairs]
     preds = [_fit(_read(p), gt.shape) for (_, p, _), gt in zip(pairs, gts)]
     cells = score_restoration([m for m in metrics if m != "sc"], scorers, preds, gts, prompts=None,
-                              fid_reference=gts)
+                              fid_reference=reference_features(scorers, gts))
     return cells, unpaired
