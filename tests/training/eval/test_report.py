@@ -148,3 +148,35 @@ def test_evaluate_folders_pairs_by_name(sets, scorers, tmp_path):
     assert cells["lpips"].value < 0.05 and cells["musiq"].value is None
     with pytest.raises(ValueError, match="no image"):
         R.evaluate_folders(gt, tmp_path, scorers, metrics=["psnr"])  # tmp_path holds folders, no images
+
+
+def test_judged_cells_and_aa_per_attribute(sets, tmp_path):
+    """SC and AA through the real VLMJudge client; an httpx.MockTransport plays the image-capable server (none can
+    be served offline). It says yes to smiling and no to anything else, and scores every prompt 70."""
+    import httpx
+
+    from attrface_pipeline.stages.verbalize import RetryPolicy
+    from training.eval.judge import VLMJudge
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"data": [{"id": "vl"}]})
+        text = json.loads(request.content)["messages"][0]["content"][1]["text"]
+        answer = "70" if "0 to 100" in text else ("yes" if "smiling" in text else "no")
+        return httpx.Response(200, json={"choices": [{"message": {"content": answer}}]})
+
+    judge = VLMJudge("http://judge/v1", transport=httpx.MockTransport(server), cache_dir=tmp_path / "cache",
+                     retry=RetryPolicy(max_retries=0, sleep=lambda s: None))
+    scorers = R.Scorers(lpips="off", fid="off", identity="off", iqa={}, judge=judge)
+    _external(tmp_path / "ext", sets)
+    methods = R.external_methods({"ext": tmp_path / "ext"})
+    report = R.run_report([sets["attrface_test"]], methods, scorers, tmp_path / "eval", metrics=["sc", "aa"],
+                          batch_size=2, grid_faces=0, write=atomic_write_bytes, log=lambda m: None)
+    by = {(r["level"], r["table"], r["metric"]): r for r in report.results}
+    # keys face0..face2: Smiling add (yes -> 1), Eyeglasses add (no -> 0), Smiling remove (yes -> 0)
+    assert by[("ood", "attribute", "aa")]["value"] == pytest.approx(1 / 3) and by[("ood", "attribute", "aa")]["n"] == 3
+    assert by[("ood", "aa_by_attribute", "Smiling")]["value"] == pytest.approx(0.5)
+    assert by[("ood", "aa_by_attribute", "Eyeglasses")]["value"] == 0.0
+    assert by[("ood", "attribute", "sc")]["value"] == 70.0 and by[("train", "restoration", "sc")]["value"] == 70.0
+    md = "".join(t.markdown() for t in report.tables)
+    assert "AA per attribute" in md and "| Eyeglasses | Smiling |" in md.replace("Method | ", "")
