@@ -245,3 +245,39 @@ def test_train_a2bfr_on_the_published_samples(build):
     assert [r["step"] for r in losses] == list(range(1, 21)) and all(np.isfinite(r["loss"]) for r in losses)
     again = _execute(env, "-j", "train_a2bfr")
     assert "resuming from" in again and "checkpoint-000020" in again  # the finished run, nothing retrained
+
+
+def test_eval_report_on_the_sample_build(build):
+    """The evaluate job after the benchmark sets and both trainings: the trained tiny models, the baselines, every
+    cell a number or n/a with a reason; tables and grids in the asset's metadata."""
+    import dagster as dg
+
+    tmp, env, _ = build
+    for job in ("build_benchmarks", "train_a2bfr", "train_roboface"):  # reused when an earlier test built them
+        _execute(env, "-j", job)
+    _execute(env, "-j", "evaluate")
+    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+    try:
+        instance = dg.DagsterInstance.get()
+        meta = instance.get_latest_materialization_event(dg.AssetKey("eval_report")).asset_materialization.metadata
+    finally:
+        del os.environ["DAGSTER_HOME"]
+    md = meta["report"].value
+    assert "A²BFR (published)" in md and "RoboFace (published)" in md and "#### attrface_test · ood" in md
+    assert {m["name"]: m["unavailable"] for m in meta["methods"].value} == {
+        "a2bfr": "", "roboface": "", "bicubic": "", "identity": ""}
+    assert any(k.startswith("grid_attrface_test") for k in meta) and meta["grid_real_lq_real"].value.startswith("![")
+    res = pq.read_table(tmp / "out" / "eval" / "results.parquet").to_pylist()
+    assert all(np.isfinite(r["value"]) or r["note"] for r in res)
+    by = {(r["set"], r["level"], r["method"], r["table"], r["metric"]): r for r in res}
+    for method in ("a2bfr", "roboface", "bicubic"):
+        for metric in ("psnr", "ssim", "lpips", "ids", "fid"):
+            assert np.isfinite(by[("celeba_test_levels", "ood", method, "restoration", metric)]["value"])
+    for metric in ("lpips", "cp_ids"):  # both models take prompts: restored again under the target prompt
+        assert np.isfinite(by[("attrface_test", "train", "a2bfr", "attribute", metric)]["value"])
+        assert np.isfinite(by[("attrface_test", "train", "roboface", "attribute", metric)]["value"])
+    assert "no VLM judge configured" in by[("attrface_test", "train", "a2bfr", "attribute", "aa")]["note"]
+    record = json.loads((tmp / "out" / "eval" / "report.json").read_text())
+    assert record["weights"]["lpips"]["spec"] == "tiny/lpips" and record["profile"] == "offline"
+    html = (tmp / "out" / "eval" / "report.html").read_text()
+    assert "(published)" in html and "data:image/png;base64," in html
