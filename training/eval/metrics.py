@@ -69,15 +69,18 @@ def psnr(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def ssim_batch(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], *, batch_size: int = 16,
                device: torch.device | str = "cpu") -> np.ndarray:
-    """Per-pair SSIM (Wang et al. 2004: Gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03), mean over RGB channels."""
+    """Per-pair SSIM (Wang et al. 2004: Gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03), mean over RGB channels.
+
+    In float32: CPU convolutions in float64 are ~20x slower (18 s for four 512² pairs). float32 agrees with the
+    float64 computation within 3e-5 on real faces and 1e-4 on flat images (the worst case; tested), within the 4
+    decimals tables report."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     _check_pairs(preds, gts)
 
     def one(p, g):
-        x = to_tensor(p, device=device, dtype=torch.float64, scale=1.0)
-        y = to_tensor(g, device=device, dtype=torch.float64, scale=1.0)
-        return structural_similarity_index_measure(x, y, data_range=255.0, reduction="none")
+        x, y = to_tensor(p, device=device), to_tensor(g, device=device)  # float32 in [0, 1]
+        return structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
 
     return _batched(one, preds, gts, batch_size)
 
