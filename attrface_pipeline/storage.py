@@ -7,11 +7,12 @@ matching config fingerprint) is what makes a partition complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,22 +35,63 @@ def publishable(tmp: str | Path) -> None:
     os.chmod(tmp, 0o666 & ~_umask())
 
 
+# Errors of the filesystem under the data root, not of the data: a full disk, a quota, a read-only mount, no
+# permission, a file-size limit. They stop the step with one message naming the path instead of a bare errno.
+_STORAGE_ERRNOS = {errno.ENOSPC: "the filesystem is full", errno.EDQUOT: "the disk quota is exhausted",
+                   errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+                   errno.EPERM: "permission denied", errno.EFBIG: "the file exceeds the size limit"}
+
+
+class StorageError(OSError):
+    """Writing under the data root failed for a reason of the filesystem; nothing was left under the final name."""
+
+
+def storage_error(path: Path, err: OSError) -> StorageError:
+    why = _STORAGE_ERRNOS.get(err.errno, err.strerror or type(err).__name__)
+    return StorageError(err.errno, f"cannot write {path}: {why} ({err.strerror}). Nothing was left under that "
+                                   f"name; free space or fix the mount/permissions of {path.parent} (or point "
+                                   f"paths.data_root elsewhere), then re-run: complete work is reused.")
+
+
+@contextmanager
+def _storage_errors(path: Path, errnos: Iterable[int] = _STORAGE_ERRNOS) -> Iterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as err:
+        if err.errno in errnos:
+            raise storage_error(path, err) from err
+        raise
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # what a write to an open file can hit
+
+
 @contextmanager
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A binary file that appears at ``path`` only when the block completes (temp file, fsync, rename)."""
+    """A binary file that appears at ``path`` only when the block completes (temp file, fsync, rename).
+
+    A filesystem failure (full, read-only, quota, permissions, size limit) raises :class:`StorageError` naming
+    ``path``; other errors of the block pass through unchanged. Either way the temp file is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with _storage_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with _storage_errors(path, _WRITE_ERRNOS), os.fdopen(fd, "wb") as f:  # the body's writes, and the close
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        publishable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            with _storage_errors(path):
+                f.flush()
+                os.fsync(f.fileno())
+        with _storage_errors(path):
+            publishable(tmp)
+            os.replace(tmp, path)
+        tmp = None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -58,7 +100,34 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+    atomic_write_bytes(path, _json_bytes(obj))
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+
+
+def create_json_once(path: Path, obj: Any) -> bool:
+    """Write ``obj`` to ``path`` only if nothing is there: complete or absent, and of two concurrent writers exactly
+    one wins (the file is linked into place, which fails if the name exists). True if this call created it."""
+    path, tmp = Path(path), None
+    try:
+        with _storage_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(_json_bytes(obj))
+                f.flush()
+                os.fsync(f.fileno())
+            publishable(tmp)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_parquet(path: Path, table: pa.Table) -> None:

@@ -10,15 +10,23 @@ import numpy as np
 
 from attrface_pipeline.config import PipelineConfig, load_config
 from attrface_pipeline.images import encode_image, preview_grid
-from attrface_pipeline.stages.ingest import chunk_sources, list_sources
+from attrface_pipeline.stages.chunks import ChunkPlan, ChunkRegistry
+from attrface_pipeline.stages.ingest import list_sources
+
+
+def chunk_plan(cfg: PipelineConfig) -> ChunkPlan:
+    """The registered chunks of the data root plus new chunks of the source files none of them holds (read only)."""
+    listing = list_sources(cfg.source.paths, cfg.source.extensions)
+    return ChunkRegistry(cfg.paths.data_root).plan(listing, cfg.source.chunk_size)
 
 
 def source_chunks(cfg: PipelineConfig) -> dict[str, list[str]]:
-    return chunk_sources(list_sources(cfg.source.paths, cfg.source.extensions), cfg.source.chunk_size)
+    return chunk_plan(cfg).chunks
 
 
 def build_partitions(cfg: PipelineConfig | None = None) -> dg.StaticPartitionsDefinition:
-    """One partition per chunk of the source listing, computed when the code location loads."""
+    """One partition per chunk (registered, then new), computed when the code location loads: a directory scan and
+    the registry's small files, nothing written."""
     cfg = cfg or load_config()
     try:
         keys = list(source_chunks(cfg))

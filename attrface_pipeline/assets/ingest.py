@@ -6,14 +6,14 @@ from collections import Counter
 
 import dagster as dg
 
-from attrface_pipeline.assets.common import (chunk_paths, counts_json, preview_markdown, source_chunks,
-                                             table_markdown)
+from attrface_pipeline.assets.common import chunk_paths, chunk_plan, counts_json, preview_markdown, table_markdown
 from attrface_pipeline.assets.partition_loop import CachedBuilder, run_partitions
 from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.builders import align_spec, build_detector, face_thresholds
 from attrface_pipeline.config import PipelineConfig
 from attrface_pipeline.images import read_rgb
+from attrface_pipeline.stages.chunks import ChunkConflict, ChunkRegistry
 from attrface_pipeline.stages.faces import FACE_SCHEMA, extract_faces
 from attrface_pipeline.stages.ingest import (SOURCE_SCHEMA, ContentIndex, HashCache, ingest_chunk, keys_digest,
                                             records_to_rows)
@@ -57,7 +57,20 @@ def _raw_images_fingerprint(cfg: PipelineConfig, paths: list[str], earlier: dict
 )
 def raw_images(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
     cfg = attrface.pipeline_config()
-    chunks = source_chunks(cfg)  # one directory scan per step, not one per partition
+    plan = chunk_plan(cfg)  # one directory scan per step, not one per partition
+    chunks, registry = plan.chunks, ChunkRegistry(cfg.paths.data_root)
+    # Fix the members of every new chunk before anything is built from one: all of them at once, so the numbering
+    # is the same whichever chunk a run builds first (concurrent runs register the same members; the first wins).
+    for chunk in plan.new:
+        try:
+            if registry.commit(chunk, chunks[chunk]):
+                context.log.info(f"registered {chunk}: {len(chunks[chunk])} source files")
+        except ChunkConflict as err:
+            raise dg.Failure(str(err)) from None
+    missing = [{"chunk": c, "source_path": p} for c in context.partition_keys for p in plan.missing.get(c, [])]
+    if missing:
+        context.log.warning(f"{len(missing)} registered source files are no longer listed (kept in their chunks, "
+                            f"not re-chunked): {', '.join(m['source_path'] for m in missing[:5])}")
     index = content_index(cfg, chunks)
     # In source order, so the index of earlier chunks' keys grows once over the run (an unknown partition sorts
     # first and fails at once in chunk_paths).
@@ -90,6 +103,10 @@ def raw_images(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> d
             "quarantined": sum(s["quarantined"] for s in all_stats),
             "quarantine_reasons": counts_json(_merge_counts(s["quarantine_reasons"] for s in all_stats)),
             "quarantine": table_markdown(quarantine_rows, ["key", "source_path", "reason", "detail"]),
+            "missing_sources": len(missing),
+            "missing": table_markdown(missing, ["chunk", "source_path"]),
+            "new_chunks": dg.MetadataValue.json(sorted(set(plan.new) & set(context.partition_keys))),
+            "computed_partitions": sum(r.computed for r in results),
             "seconds": sum(s["seconds"] for s in all_stats),
         }
     )
