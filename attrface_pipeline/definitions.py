@@ -11,6 +11,8 @@ Jobs:
 - ``train_a2bfr``: the A²BFR LoRA on the published shards (``a2bfr_lora``; offline: the tiny Flux, a few steps).
 """
 
+import os
+
 import dagster as dg
 
 from attrface_pipeline.assets.a2bfr import a2bfr_lora
@@ -95,10 +97,23 @@ evaluate = dg.define_asset_job(
     "(after build_benchmarks; trained models are used when train_a2bfr / train_roboface have run).",
 )
 
+def _executor() -> dg.ExecutorDefinition:
+    """Dagster's multiprocess executor; on Kubernetes (``ATTRFACE_EXECUTOR=k8s``, set by deploy/values.yaml) the
+    k8s_job_executor: one pod per step, GPU steps requesting their GPUs through their ``dagster-k8s/config`` tags."""
+    kind = os.environ.get("ATTRFACE_EXECUTOR", "multiprocess")
+    if kind == "k8s":
+        from dagster_k8s import k8s_job_executor  # the [k8s] extra
+
+        return guarded_executor(_preflight, base=k8s_job_executor)
+    if kind != "multiprocess":
+        raise SystemExit(f"error: ATTRFACE_EXECUTOR={kind!r}: expected multiprocess or k8s")
+    return guarded_executor(_preflight)
+
+
 defs = dg.Definitions(
     assets=DATASET_ASSETS + BENCHMARK_ASSETS + MODEL_ASSETS + EVAL_ASSETS,
     jobs=[build_dataset, build_dataset_chunk, publish_dataset, build_benchmarks, train_a2bfr, train_roboface,
           evaluate],
     resources={"attrface": AttrFaceConfig()},
-    executor=guarded_executor(_preflight),
+    executor=_executor(),
 )

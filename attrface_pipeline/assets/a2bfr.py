@@ -11,6 +11,7 @@ from typing import Optional
 
 import dagster as dg
 
+from attrface_pipeline.assets.common import gpu_op_tags, training_gpus
 from attrface_pipeline.assets.publish import PUBLISH_DIR, attrface_shards
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.training import run_training_subprocess
@@ -38,6 +39,7 @@ class A2BFRRun(dg.Config):
     group_name="models",
     kinds={"pytorch"},
     pool="gpu",
+    op_tags=gpu_op_tags(training_gpus("a2bfr")),
 )
 def a2bfr_lora(context: dg.AssetExecutionContext, attrface: AttrFaceConfig, config: A2BFRRun) -> dg.MaterializeResult:
     cfg = attrface.pipeline_config()

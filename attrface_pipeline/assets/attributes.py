@@ -4,7 +4,7 @@ from collections import Counter
 
 import dagster as dg
 
-from attrface_pipeline.assets.common import counts_json, png_markdown, table_markdown
+from attrface_pipeline.assets.common import counts_json, gpu_op_tags, png_markdown, table_markdown
 from attrface_pipeline.assets.ingest import faces
 from attrface_pipeline.assets.partition_loop import CachedBuilder, run_partitions
 from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
@@ -25,6 +25,7 @@ from attrface_pipeline.storage import PartitionStore
     backfill_policy=PER_CHUNK,
     deps=[faces],
     pool="gpu",
+    op_tags=gpu_op_tags(),
     description="FaRL: 40 CelebA probabilities per aligned face, and positive/negative/unknown for the "
     "controllable attributes.",
     group_name="dataset",

@@ -35,6 +35,28 @@ def build_partitions(cfg: PipelineConfig | None = None) -> dg.StaticPartitionsDe
     return dg.StaticPartitionsDefinition(keys)
 
 
+# Resources of one GPU step's pod under the k8s_job_executor (deploy/); other executors ignore the tag. Per GPU:
+# the card, and CPU/memory for its data loading and image coding (deploy/README.md says how to change them).
+GPU_POD_CPU, GPU_POD_MEMORY_GI = 8, 64
+
+
+def gpu_op_tags(gpus: int = 1) -> dict[str, Any]:
+    """``op_tags`` of a GPU asset: its pod requests ``gpus`` GPUs and is allowed onto GPU nodes' taint."""
+    amounts = {"nvidia.com/gpu": str(gpus), "cpu": str(GPU_POD_CPU * gpus), "memory": f"{GPU_POD_MEMORY_GI * gpus}Gi"}
+    return {"dagster-k8s/config": {
+        "container_config": {"resources": {"requests": amounts, "limits": {"nvidia.com/gpu": str(gpus)}}},
+        "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    }}
+
+
+def training_gpus(model: str) -> int:
+    """GPUs a training asset's ``accelerate launch`` uses (``<model>.num_processes`` of the loaded config)."""
+    try:
+        return getattr(load_config(), model).num_processes
+    except Exception:  # noqa: BLE001 - a bad config is reported by the partitions loader; tags fall back to one GPU
+        return 1
+
+
 def chunk_paths(chunks: dict[str, list[str]], partition: str) -> list[str]:
     """The source paths of ``partition`` from a :func:`source_chunks` listing, or a clear failure."""
     if partition not in chunks:

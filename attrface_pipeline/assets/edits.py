@@ -6,7 +6,7 @@ import dagster as dg
 import torch
 
 from attrface_pipeline.assets.attributes import edit_prompts
-from attrface_pipeline.assets.common import png_markdown, table_markdown
+from attrface_pipeline.assets.common import gpu_op_tags, png_markdown, table_markdown
 from attrface_pipeline.assets.partition_loop import CachedBuilder, run_partitions
 from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
 from attrface_pipeline.assets.resources import AttrFaceConfig
@@ -29,6 +29,7 @@ def peak_memory_mb(device: torch.device) -> float:
     backfill_policy=PER_CHUNK,
     deps=[edit_prompts],
     pool="gpu",
+    op_tags=gpu_op_tags(),
     description="FlowEdit on SD3/SD3.5 with noise blending: one edited image per face x target prompt, with seed "
     "and parameters recorded per pair.",
     group_name="dataset",

@@ -12,7 +12,7 @@ import dagster as dg
 
 from attrface_pipeline.assets.a2bfr import a2bfr_lora
 from attrface_pipeline.assets.benchmarks import BENCH_DIR, attrface_test, celeba_test_levels, real_lq
-from attrface_pipeline.assets.common import png_markdown
+from attrface_pipeline.assets.common import gpu_op_tags, png_markdown
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.roboface import roboface_model
 from attrface_pipeline.builders import build_eval_methods, build_eval_scorers
@@ -52,6 +52,7 @@ def _trained_weights(context: dg.AssetExecutionContext, methods: list[str]) -> d
     group_name="evaluation",
     kinds={"python", "pytorch"},
     pool="gpu",
+    op_tags=gpu_op_tags(),
 )
 def eval_report(context: dg.AssetExecutionContext, attrface: AttrFaceConfig, config: EvalRun) -> dg.MaterializeResult:
     cfg = attrface.pipeline_config()

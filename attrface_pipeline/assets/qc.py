@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from attrface_pipeline.assets.common import png_markdown, table_markdown
+from attrface_pipeline.assets.common import gpu_op_tags, png_markdown, table_markdown
 from attrface_pipeline.assets.edits import edits
 from attrface_pipeline.assets.partition_loop import CachedBuilder, run_partitions
 from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
@@ -24,6 +24,7 @@ OVERALL_CHECK = "overall_pass_rate"
     backfill_policy=PER_CHUNK,
     deps=[edits],
     pool="gpu",
+    op_tags=gpu_op_tags(),
     description="Automatic QC per edit pair: attribute flipped (others kept), identity kept, structure kept. "
     "Every score is stored; thresholds in config.",
     group_name="dataset",

@@ -15,6 +15,7 @@ from typing import Optional
 
 import dagster as dg
 
+from attrface_pipeline.assets.common import gpu_op_tags, training_gpus
 from attrface_pipeline.assets.publish import PUBLISH_DIR, attrface_shards
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.training import run_training_subprocess
@@ -78,6 +79,7 @@ def _launch(context: dg.AssetExecutionContext, train_cfg, processes: int) -> dg.
     group_name="models",
     kinds={"pytorch"},
     pool="gpu",
+    op_tags=gpu_op_tags(training_gpus("roboface")),
 )
 def roboface_stage1(context: dg.AssetExecutionContext, attrface: AttrFaceConfig,
                     config: RoboFaceRun) -> dg.MaterializeResult:
@@ -96,6 +98,7 @@ def roboface_stage1(context: dg.AssetExecutionContext, attrface: AttrFaceConfig,
     group_name="models",
     kinds={"pytorch"},
     pool="gpu",
+    op_tags=gpu_op_tags(training_gpus("roboface")),
 )
 def roboface_model(context: dg.AssetExecutionContext, attrface: AttrFaceConfig,
                    config: RoboFaceRun) -> dg.MaterializeResult:

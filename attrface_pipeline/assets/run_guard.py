@@ -134,14 +134,16 @@ class GuardedExecutor(dg.Executor):
             yield from self._inner.execute(plan_context, execution_plan)
 
 
-def guarded_executor(preflight: Callable[[object, list[str]], None] | None = None) -> dg.ExecutorDefinition:
-    """An executor definition with the multiprocess executor's config schema, wrapped in :class:`GuardedExecutor`."""
-    base = dg.multiprocess_executor
+def guarded_executor(preflight: Callable[[object, list[str]], None] | None = None,
+                     base: dg.ExecutorDefinition | None = None) -> dg.ExecutorDefinition:
+    """``base`` (Dagster's multiprocess executor by default; ``dagster_k8s.k8s_job_executor`` on a cluster), with
+    its name and config schema, wrapped in :class:`GuardedExecutor`."""
+    base = base or dg.multiprocess_executor
 
     def create(init_context) -> dg.Executor:
         return GuardedExecutor(base.executor_creation_fn(init_context), preflight)
 
     return dg.ExecutorDefinition(
-        name="multiprocess", config_schema=base.config_schema, requirements=base.get_requirements,
+        name=base.name, config_schema=base.config_schema, requirements=base.get_requirements,
         executor_creation_fn=create, description=f"{base.description} Reaps dead runs and checks models first.",
     )
