@@ -5,7 +5,7 @@ export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 # The same defaults the activated venv has (scripts/attrface_env.sh): bare `dagster job execute -j <job>` works.
 ATTRFACE_ENV := . scripts/attrface_env.sh &&
 
-.PHONY: setup setup-vllm demo train-a2bfr train-roboface lint test test-fast ui bench bench-verbalize bench-flowedit bench-publish bench-loader bench-degradation bench-a2bfr bench-eval evaluate review clean
+.PHONY: setup setup-vllm demo train-a2bfr train-roboface lint test test-fast ui bench bench-verbalize bench-flowedit bench-publish bench-loader bench-degradation bench-a2bfr bench-eval evaluate review clean postgres postgres-stop
 
 setup:
 	bash scripts/setup.sh
@@ -63,6 +63,13 @@ bench-eval:
 
 review:
 	$(VENV)/bin/attrface review
+
+# A local PostgreSQL for the Dagster instance (parallel runs, backfills): then `eval "$$(scripts/postgres.sh env)"`.
+postgres:
+	bash scripts/postgres.sh start
+
+postgres-stop:
+	bash scripts/postgres.sh stop
 
 clean:
 	rm -rf data/build dagster_home/storage dagster_home/history dagster_home/schedules dagster_home/logs
