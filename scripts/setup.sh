@@ -14,7 +14,7 @@ start=$(date +%s)
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # torch first: an unpinned torch (asked for by a dependency) would otherwise pull a multi-GB CUDA build.
 [ -n "$TORCH_SPEC" ] && pip install "$TORCH_SPEC"
-pip install -e ".[dev,insightface,postgres]"
+pip install -e ".[dev,insightface,postgres,k8s]"
 # insightface requires opencv-python, which clashes with opencv-python-headless (same cv2 module): install it
 # without dependencies; the [insightface] extra above brings the rest of what it imports.
 pip install --no-deps "insightface==2.1"

@@ -64,8 +64,9 @@ def _setup(tmp: Path, photos: list[Path], home: Path | None = None) -> tuple[Pat
     for photo in photos:
         shutil.copy(photo, src / photo.name)
     cfg = tmp / "attrface.yaml"
+    # The project's model cache (./data/cache), as a deployment shares its weights: the tiny zoo is generated once.
     cfg.write_text(json.dumps({"source": {"paths": [str(src)], "chunk_size": 2},
-                               "paths": {"data_root": str(tmp / "out"), "cache_dir": str(tmp / "cache")}}))
+                               "paths": {"data_root": str(tmp / "out")}}))
     env = {**os.environ, "ATTRFACE_CONFIG": str(cfg)}
     if home is None:  # SQLite, the default instance
         home = tmp / "dagster_home"
@@ -109,6 +110,10 @@ def parallel(tmp_path_factory, postgres):
     shutil.copy(home / "dagster.yaml", tmp / "pg_home" / "dagster.yaml")
     env.update(postgres)
     env["DAGSTER_HOME"] = str(tmp / "pg_home")
+    attrface = str(Path(DAGSTER).with_name("attrface"))
+    subprocess.run([attrface, "init-instance"], env=env, check=True, capture_output=True, timeout=300)
+    for model in ("tiny/farl", "tiny/sd3"):  # weights in place before the runs, as on a cluster (deploy/README.md)
+        subprocess.run([attrface, "resolve-model", model], env=env, check=True, capture_output=True, timeout=900)
     chunks = [f"chunk-{i:05d}" for i in range(4)]
     t0 = time.perf_counter()
     procs = [subprocess.Popen([DAGSTER, "job", "execute", "-m", "attrface_pipeline.definitions", "-j",

@@ -93,9 +93,17 @@ class ModelStore:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
         try:
             tiny.generate(name, tmp)
+            if _zoo_version(target / tiny.DONE_MARKER) == tiny.ZOO_VERSION:  # a concurrent run finished first
+                shutil.rmtree(tmp)
+                return target
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if _zoo_version(target / tiny.DONE_MARKER) == tiny.ZOO_VERSION:  # replaced under us by a complete one
+                return target
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
