@@ -22,11 +22,13 @@ from tests.test_dagster_build import DAGSTER, _execute, _published_digests
 
 pytestmark = pytest.mark.slow
 SAMPLES = PROJECT_ROOT / "data" / "samples" / "faces"
-FIRST = [SAMPLES / "hq" / n for n in ("alex_lacamoire1.jpg", "ffhq_00000.png", "ffhq_00001.png", "kit_with_rose.jpg",
-                                      "lin-manuel-miranda.png", "obama.jpg", "rose_leslie2.jpg")] + [
-    SAMPLES / "lq_real" / "0143.png"]
-ADDED = [SAMPLES / "lq_real" / "Einstein01.png", SAMPLES / "whole" / "00.jpg", SAMPLES / "whole" / "02.png",
-         SAMPLES / "whole" / "gfpgan_Blake_Lively.jpg", SAMPLES / "hard" / "32bit.png"]
+# Four chunks of one photo each; then five photos more. obama.jpg (added) shows the person of obama_and_biden.jpg
+# (built first) and its content key sorts first: the identity group must keep its name, and its samples their split.
+FIRST = [SAMPLES / "hq" / "ffhq_00001.png", SAMPLES / "lq_real" / "0143.png", SAMPLES / "hq" / "alex_lacamoire1.jpg",
+         SAMPLES / "whole" / "obama_and_biden.jpg"]
+ADDED = [SAMPLES / "hq" / "obama.jpg", SAMPLES / "lq_real" / "Einstein01.png", SAMPLES / "hq" / "ffhq_00000.png",
+         SAMPLES / "hq" / "lin-manuel-miranda.png", SAMPLES / "hq" / "rose_leslie2.jpg"]
+NEW_CHUNKS = [f"chunk-{i:05d}" for i in range(4, 9)]
 CHUNK_ASSETS = ("raw_images", "faces", "face_identities", "face_attributes", "edit_prompts", "edits", "qc")
 GPU_STEPS = ("face_attributes", "edits", "qc")
 
@@ -58,14 +60,14 @@ def postgres():
 
 
 def _setup(tmp: Path, photos: list[Path], home: Path | None = None) -> tuple[Path, dict]:
-    """A source folder with ``photos``, a config with chunks of 2, a fresh data root; env for the CLI."""
+    """A source folder with ``photos``, a config with chunks of 1, a fresh data root; env for the CLI."""
     src = tmp / "photos"
     src.mkdir(parents=True, exist_ok=True)
     for photo in photos:
         shutil.copy(photo, src / photo.name)
     cfg = tmp / "attrface.yaml"
     # The project's model cache (./data/cache), as a deployment shares its weights: the tiny zoo is generated once.
-    cfg.write_text(json.dumps({"source": {"paths": [str(src)], "chunk_size": 2},
+    cfg.write_text(json.dumps({"source": {"paths": [str(src)], "chunk_size": 1},
                                "paths": {"data_root": str(tmp / "out")}}))
     env = {**os.environ, "ATTRFACE_CONFIG": str(cfg)}
     if home is None:  # SQLite, the default instance
@@ -91,12 +93,13 @@ def _instance(env):
                 os.environ[k] = v
 
 
-def _samples(pub: Path) -> dict[str, dict[str, bytes]]:
+def _samples(pub: Path) -> dict[str, tuple[str, dict[str, bytes]]]:
+    """{key: (split, members)} of every published sample."""
     out = {}
     for sizes in sorted(pub.glob("*/sizes.json")):
         for shard in json.loads(sizes.read_text()):
             for sample in read_back(sizes.parent / shard):
-                out[sample["__key__"]] = {k: v for k, v in sample.items() if k != "__key__"}
+                out[sample["__key__"]] = (sizes.parent.name, {k: v for k, v in sample.items() if k != "__key__"})
     return out
 
 
@@ -177,23 +180,27 @@ def test_added_photos_form_new_chunks_and_only_those_compute(parallel):
     import dagster as dg
 
     meta = _instance(env).get_latest_materialization_event(dg.AssetKey("raw_images")).asset_materialization.metadata
-    assert meta["new_chunks"].value == ["chunk-00004", "chunk-00005", "chunk-00006"]
-    assert meta["computed_partitions"].value == 3 and meta["partitions"].value == 7
+    assert meta["new_chunks"].value == NEW_CHUNKS
+    assert meta["computed_partitions"].value == 5 and meta["partitions"].value == 9
     for chunk in ("chunk-00000", "chunk-00003"):
         assert f"raw_images {chunk}: complete, reusing" in log
     # Old partitions of every asset untouched (their completion markers were not rewritten); new ones complete.
     assert {p: p.read_bytes() for p in before_stats} == before_stats
     for asset in CHUNK_ASSETS:
-        assert len(list((out / asset).glob("chunk-*/_stats.json"))) == 7, asset
-    members = [json.loads((out / "_chunks" / f"chunk-{i:05d}.json").read_text())["members"] for i in range(7)]
-    assert sorted(Path(p).name for m in members[4:] for p in m) == sorted(p.name for p in ADDED)
+        assert len(list((out / asset).glob("chunk-*/_stats.json"))) == 9, asset
+    members = [json.loads((out / "_chunks" / f"{c}.json").read_text())["members"] for c in NEW_CHUNKS]
+    assert sorted(Path(p).name for m in members for p in m) == sorted(p.name for p in ADDED)
 
-    # Published: every old sample byte-identical, plus exactly the passing pairs of the new chunks.
+    # Published: every old sample byte-identical and in the same split, plus exactly the new chunks' passing pairs.
     after = _samples(out / "attrface_shards")
     assert {k: after.get(k) for k in before_samples} == before_samples
-    new_pairs = {r["pair_key"] for c in ("chunk-00004", "chunk-00005", "chunk-00006")
+    new_pairs = {r["pair_key"] for c in NEW_CHUNKS
                  for r in pq.read_table(out / "qc" / c / "manifest.parquet").to_pylist() if r["passed"]}
     assert set(after) - set(before_samples) == new_pairs and new_pairs
+    split_of_photo = {}
+    for split, members in after.values():
+        split_of_photo.setdefault(json.loads(members["json"])["image_key"], set()).add(split)
+    assert split_of_photo["0930e3aa8cae5920"] == split_of_photo["b8781c1f734616a9"]  # obama.jpg joined his group
 
     # A deleted photo is reported, not re-chunked.
     (src / FIRST[0].name).unlink()

@@ -55,9 +55,12 @@ def attrface_shards(context: dg.AssetExecutionContext, attrface: AttrFaceConfig)
     if pub.split_by == "identity":
         metric, threshold = same_person_rule(cfg.qc.identity_backend, dlib_max_distance=cfg.qc.dlib_max_distance,
                                              arcface_min_similarity=cfg.qc.arcface_min_similarity)
+        position = {chunk: i for i, chunk in enumerate(chunks)}
+        identities = _manifests(cfg, "face_identities", chunks)
         group_of, identity = identity_split(
-            [r for _, r in _manifests(cfg, "face_identities", chunks)], metric=metric, threshold=threshold,
-            split_of_group=lambda g: split_of(g, pub.test_fraction, pub.split_salt))
+            [r for _, r in identities], metric=metric, threshold=threshold,
+            split_of_group=lambda g: split_of(g, pub.test_fraction, pub.split_salt),
+            order=[position[p] for p, _ in identities])  # groups named after their first chunk: stable as data grows
         context.log.info(f"identity split: {identity}")
     samples = assemble_samples(
         qc_rows=qc_rows, edit_rows=[r for _, r in edit_rows],

@@ -82,8 +82,12 @@ class SplitGroups:
 
 
 def group_faces(face_keys: Sequence[str], image_keys: Sequence[str], embeddings: np.ndarray, *, metric: str,
-                threshold: float) -> SplitGroups:
-    """Group faces by identity and source photo; see the module docstring."""
+                threshold: float, order: Sequence[int] | None = None) -> SplitGroups:
+    """Group faces by identity and source photo; see the module docstring.
+
+    A group is named after its first photo: the smallest ``(order, image key)``, ``order`` being the face's chunk
+    position. Chunks are append-only, so photos added later never rename a group they join, and its split stays
+    (only a new photo that links two existing groups merges them, and one of them then follows the other)."""
     n = len(face_keys)
     if not (len(image_keys) == n == len(embeddings)):
         raise ValueError(f"{n} face keys, {len(image_keys)} image keys and {len(embeddings)} embeddings differ")
@@ -95,10 +99,12 @@ def group_faces(face_keys: Sequence[str], image_keys: Sequence[str], embeddings:
     first_of_image: dict[str, int] = {}
     for i, image in enumerate(image_keys):
         groups.union(i, first_of_image.setdefault(image, i))
-    smallest: dict[int, str] = {}
-    for i, image in enumerate(image_keys):
+    rank = [(order[i] if order is not None else 0, image) for i, image in enumerate(image_keys)]
+    first: dict[int, tuple[int, str]] = {}
+    for i in range(n):
         root = groups.find(i)
-        smallest[root] = min(smallest.get(root, image), image)
+        first[root] = min(first.get(root, rank[i]), rank[i])
+    smallest = {root: image for root, (_, image) in first.items()}
     return SplitGroups(
         group_of={face_keys[i]: smallest[groups.find(i)] for i in range(n)},
         identity_clusters=identity_clusters,
@@ -114,15 +120,17 @@ def cross_split_matches(face_keys: Sequence[str], edges: Sequence[tuple[int, int
 
 
 def identity_split(rows: Sequence[dict], *, metric: str, threshold: float,
-                   split_of_group: Callable[[str], str]) -> tuple[dict[str, str], dict]:
+                   split_of_group: Callable[[str], str],
+                   order: Sequence[int] | None = None) -> tuple[dict[str, str], dict]:
     """Group embedding rows (face_key, image_key, embedding) and split them; returns (face_key -> group key, report).
+    ``order``: each row's chunk position (see :func:`group_faces`).
 
     The report is what the dataset card states: faces, identity clusters, split groups, identity matches, and the
     matches that cross the split (0 by construction; measured, not assumed).
     """
     keys = [r["face_key"] for r in rows]
     emb = np.asarray([r["embedding"] for r in rows], np.float64).reshape(len(rows), -1) if rows else np.zeros((0, 0))
-    groups = group_faces(keys, [r["image_key"] for r in rows], emb, metric=metric, threshold=threshold)
+    groups = group_faces(keys, [r["image_key"] for r in rows], emb, metric=metric, threshold=threshold, order=order)
     split = {k: split_of_group(groups.group_of[k]) for k in keys}
     report = {"faces": len(keys), "identity_clusters": groups.identity_clusters, "split_groups": groups.groups,
               "identity_matches": len(groups.edges), "metric": metric, "threshold": threshold,

@@ -43,6 +43,25 @@ def test_same_person_in_two_photos_forms_one_group(faces):
     assert len(groups.edges) == 2
 
 
+def test_a_group_keeps_its_name_when_a_later_chunk_adds_a_photo_of_the_same_person(faces):
+    keys, images, emb = faces
+    obama = [i for i, img in enumerate(images) if img == images[0]]  # hq/obama.jpg, alone
+    others = [i for i in range(len(keys)) if images[i] != images[0]]
+    before = group_faces([keys[i] for i in others], [images[i] for i in others], emb[others], metric="distance",
+                         threshold=0.6, order=[0] * len(others))
+    # obama.jpg arrives in a later chunk; its image key sorts first, yet no existing group is renamed
+    assert images[0] < images[others[0]]
+    every = others + obama
+    after = group_faces([keys[i] for i in every], [images[i] for i in every], emb[every], metric="distance",
+                        threshold=0.6, order=[0] * len(others) + [1] * len(obama))
+    assert all(after.group_of[keys[i]] == before.group_of[keys[i]] for i in others)
+    assert after.group_of[keys[obama[0]]] == before.group_of[keys[others[0]]]  # joined the Obama-and-Biden group
+    # without the chunk order, the smallest image key names the group
+    unordered = group_faces([keys[i] for i in every], [images[i] for i in every], emb[every], metric="distance",
+                            threshold=0.6)
+    assert unordered.group_of[keys[obama[0]]] == min(images[0], images[others[0]])
+
+
 def test_identity_split_never_straddles_where_the_photo_split_does(faces):
     keys, images, emb = faces
     groups = group_faces(keys, images, emb, metric="distance", threshold=0.6)
