@@ -57,16 +57,17 @@ def _raw_images_fingerprint(cfg: PipelineConfig, paths: list[str], earlier: dict
 )
 def raw_images(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
     cfg = attrface.pipeline_config()
-    plan = chunk_plan(cfg)  # one directory scan per step, not one per partition
-    chunks, registry = plan.chunks, ChunkRegistry(cfg.paths.data_root)
-    # Fix the members of every new chunk before anything is built from one: all of them at once, so the numbering
-    # is the same whichever chunk a run builds first (concurrent runs register the same members; the first wins).
-    for chunk in plan.new:
-        try:
-            if registry.commit(chunk, chunks[chunk]):
-                context.log.info(f"registered {chunk}: {len(chunks[chunk])} source files")
-        except ChunkConflict as err:
-            raise dg.Failure(str(err)) from None
+    registry = ChunkRegistry(cfg.paths.data_root)
+    try:
+        plan = chunk_plan(cfg)  # one directory scan per step, not one per partition
+        # Fix the members of every new chunk before anything is built from one: all of them at once, so numbering
+        # is the same whichever chunk a run builds first (concurrent runs register the same members; first wins).
+        for chunk in plan.new:
+            if registry.commit(chunk, plan.chunks[chunk]):
+                context.log.info(f"registered {chunk}: {len(plan.chunks[chunk])} source files")
+    except ChunkConflict as err:
+        raise dg.Failure(str(err)) from None
+    chunks = plan.chunks
     missing = [{"chunk": c, "source_path": p} for c in context.partition_keys for p in plan.missing.get(c, [])]
     if missing:
         context.log.warning(f"{len(missing)} registered source files are no longer listed (kept in their chunks, "
