@@ -35,8 +35,31 @@ class _Strict(BaseModel):
 
 
 class PathsConfig(_Strict):
+    """Where outputs go. ``data_root`` is a local path, or an fsspec URL (``s3://bucket/attrface``, ``gs://...``,
+    ``file:///shared/attrface``): then ``data_url`` holds the URL and ``data_root`` becomes this machine's working
+    copy (``work_dir``), which steps read and write while finished partitions are committed to the URL
+    (attrface_pipeline/remote.py)."""
+
     data_root: Path = Field(PROJECT_ROOT / "data" / "build", description="asset outputs: <root>/<asset>/<partition>/")
     cache_dir: Path = Field(PROJECT_ROOT / "data" / "cache", description="model cache (hub downloads, tiny zoo)")
+    data_url: str | None = Field(None, description="fsspec URL of the shared data root (set by giving data_root "
+                                 "a URL); None for a local data root")
+    work_dir: Path | None = Field(None, description="local working copy of a URL data root (default "
+                                  "data/work/<hash of the URL>)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options of the URL "
+                                            "(endpoint, profile; credentials belong in the environment)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_data_root(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("data_root"), str) and "://" in data["data_root"]:
+            url = data["data_root"].rstrip("/")
+            if data.get("data_url") not in (None, url):
+                raise ValueError(f"data_root {url!r} and data_url {data['data_url']!r} disagree; give one")
+            digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+            data = {**data, "data_url": url,
+                    "data_root": data.get("work_dir") or PROJECT_ROOT / "data" / "work" / digest}
+        return data
 
 
 class SourceConfig(_Strict):
@@ -182,6 +205,8 @@ class EditConfig(_Strict):
     vae_tiling: bool = False
     compile: bool = Field(False, description="torch.compile the transformer")
     log_every: int = Field(16, ge=1, description="log progress every N pairs")
+    lossless_master: bool = Field(False, description="also keep each edit as PNG (masters/); the published file "
+                                  "(publish.image_format) is written either way, encoded once, where it is made")
 
     @model_validator(mode="after")
     def _shape(self) -> EditConfig:

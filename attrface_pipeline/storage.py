@@ -46,10 +46,12 @@ class StorageError(OSError):
     """Writing under the data root failed for a reason of the filesystem; nothing was left under the final name."""
 
 
-def storage_error(path: Path, err: OSError) -> StorageError:
+def storage_error(path: Path | str, err: OSError) -> StorageError:
+    """``path``: a local path, or a URL string (a remote data root)."""
     why = _STORAGE_ERRNOS.get(err.errno, err.strerror or type(err).__name__)
+    parent = path.rsplit("/", 1)[0] if isinstance(path, str) else path.parent
     return StorageError(err.errno, f"cannot write {path}: {why} ({err.strerror}). Nothing was left under that "
-                                   f"name; free space or fix the mount/permissions of {path.parent} (or point "
+                                   f"name; free space or fix the mount/permissions of {parent} (or point "
                                    f"paths.data_root elsewhere), then re-run: complete work is reused.")
 
 
@@ -100,10 +102,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, _json_bytes(obj))
+    atomic_write_bytes(path, json_bytes(obj))
 
 
-def _json_bytes(obj: Any) -> bytes:
+def json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
 
 
@@ -116,7 +118,7 @@ def create_json_once(path: Path, obj: Any) -> bool:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             with os.fdopen(fd, "wb") as f:
-                f.write(_json_bytes(obj))
+                f.write(json_bytes(obj))
                 f.flush()
                 os.fsync(f.fileno())
             publishable(tmp)

@@ -16,6 +16,7 @@ from attrface_pipeline.assets.publish import PUBLISH_DIR, attrface_shards
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.training import run_training_subprocess
 from attrface_pipeline.builders import a2bfr_train_config
+from attrface_pipeline.remote import synced
 
 
 class A2BFRRun(dg.Config):
@@ -48,6 +49,9 @@ def a2bfr_lora(context: dg.AssetExecutionContext, attrface: AttrFaceConfig, conf
                                    **overrides)
     processes = overrides["num_processes"] or cfg.a2bfr.num_processes
     context.log.info(f"A²BFR run folder {train_cfg.train.output_dir} ({processes} process(es))")
-    results = run_training_subprocess(context, module="training.a2bfr.train", config=train_cfg.model_dump(mode="json"),
-                                      output_dir=Path(train_cfg.train.output_dir), num_processes=processes)
+    run_dir = Path(train_cfg.train.output_dir)
+    with synced(cfg.paths, pull=[PUBLISH_DIR, run_dir], push=[run_dir]):  # a URL data root: shards in, run out
+        results = run_training_subprocess(context, module="training.a2bfr.train",
+                                          config=train_cfg.model_dump(mode="json"), output_dir=run_dir,
+                                          num_processes=processes)
     return results.get_materialize_result()

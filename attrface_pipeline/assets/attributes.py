@@ -6,6 +6,7 @@ import dagster as dg
 
 from attrface_pipeline.assets.common import counts_json, gpu_op_tags, png_markdown, table_markdown
 from attrface_pipeline.assets.ingest import faces
+from attrface_pipeline.remote import pull_chunks, remote_root
 from attrface_pipeline.assets.partition_loop import CachedBuilder, run_partitions
 from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
 from attrface_pipeline.assets.resources import AttrFaceConfig
@@ -46,6 +47,7 @@ def face_attributes(context: dg.AssetExecutionContext, attrface: AttrFaceConfig)
         return rows, {"faces": len(rows)}
 
     results = run_partitions("face_attributes", context.partition_keys, data_root=cfg.paths.data_root,
+                             remote=remote_root(cfg.paths),
                              fingerprint=cfg.fingerprint("attributes") + model_fingerprint(cfg.models.farl),
                              upstream="faces", schema=ATTRIBUTE_SCHEMA, compute=compute, model=classifier,
                              log=context.log.info)
@@ -87,6 +89,7 @@ def edit_prompts(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) ->
     # balance the sampled targets across attributes (``counts``), so a reused partition must still count its own.
     counts: dict[str, int] = {}
     attr_rows, requests = {}, {}
+    pull_chunks(cfg.paths, context.partition_keys)
     for partition in context.partition_keys:
         attr_rows[partition] = PartitionStore(root, "face_attributes", partition).read_manifest().to_pylist()
         requests[partition] = build_requests(attr_rows[partition], acfg.controllable, acfg.positive_threshold,
@@ -100,6 +103,7 @@ def edit_prompts(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) ->
 
     results = run_partitions(
         "edit_prompts", context.partition_keys, data_root=root, upstream="face_attributes", schema=PROMPT_SCHEMA,
+        remote=remote_root(cfg.paths),
         fingerprint=cfg.fingerprint("verbalize", "attributes") + model_fingerprint(cfg.models.qwen3),
         compute=compute, model=verbalizer, log=context.log.info,
     )

@@ -14,6 +14,7 @@ from attrface_pipeline.assets.common import png_markdown, table_markdown
 from attrface_pipeline.assets.publish import PUBLISH_DIR, attrface_shards
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.config import PipelineConfig
+from attrface_pipeline.remote import pull_dirs, synced
 from attrface_pipeline.images import encode_image, preview_grid, read_rgb
 from attrface_pipeline.builders import build_detector
 from attrface_pipeline.stages.detect import face_rejection
@@ -37,6 +38,12 @@ def _files_digest(files: list[Path]) -> str:
 def _build_set(context: dg.AssetExecutionContext, cfg: PipelineConfig, name: str, source_digest: str,
                make_rows: Callable[[Path], tuple[list[dict], list[dict]]]) -> dg.MaterializeResult:
     """Reuse the set if built from the same config and sources; else rebuild it from scratch. Metadata + preview."""
+    with synced(cfg.paths, pull=[f"{BENCH_DIR}/{name}"], push=[f"{BENCH_DIR}/{name}"]):
+        return _build_set_here(context, cfg, name, source_digest, make_rows)
+
+
+def _build_set_here(context: dg.AssetExecutionContext, cfg: PipelineConfig, name: str, source_digest: str,
+                    make_rows: Callable[[Path], tuple[list[dict], list[dict]]]) -> dg.MaterializeResult:
     store = PartitionStore(cfg.paths.data_root, BENCH_DIR, name)
     fingerprint = cfg.fingerprint("benchmarks") + source_digest
     failures: list[dict] = []
@@ -94,6 +101,7 @@ def _decode(cfg: PipelineConfig) -> Callable[[bytes], np.ndarray]:
 def attrface_test(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
     cfg = attrface.pipeline_config()
     split_dir = cfg.paths.data_root / PUBLISH_DIR / "test"
+    pull_dirs(cfg.paths, PUBLISH_DIR)
     stats = json.loads((cfg.paths.data_root / PUBLISH_DIR / "_stats.json").read_text())
     digest = hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()[:8]
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from attrface_pipeline.config import PipelineConfig, load_config
 from attrface_pipeline.images import encode_image, preview_grid
+from attrface_pipeline.remote import remote_root
 from attrface_pipeline.stages.chunks import ChunkPlan, ChunkRegistry
 from attrface_pipeline.stages.ingest import list_sources
 
@@ -17,7 +18,12 @@ from attrface_pipeline.stages.ingest import list_sources
 def chunk_plan(cfg: PipelineConfig) -> ChunkPlan:
     """The registered chunks of the data root plus new chunks of the source files none of them holds (read only)."""
     listing = list_sources(cfg.source.paths, cfg.source.extensions)
-    return ChunkRegistry(cfg.paths.data_root).plan(listing, cfg.source.chunk_size)
+    return chunk_registry(cfg).plan(listing, cfg.source.chunk_size)
+
+
+def chunk_registry(cfg: PipelineConfig) -> ChunkRegistry:
+    """The data root's chunk registry (at the URL when the data root is one)."""
+    return ChunkRegistry(cfg.paths.data_root, remote_root(cfg.paths))
 
 
 def source_chunks(cfg: PipelineConfig) -> dict[str, list[str]]:

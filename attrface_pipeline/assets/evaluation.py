@@ -6,6 +6,7 @@ metadata); one that is not materialized yet is a column of n/a cells saying so, 
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Optional
 
 import dagster as dg
@@ -18,6 +19,7 @@ from attrface_pipeline.assets.roboface import roboface_model
 from attrface_pipeline.builders import build_eval_methods, build_eval_scorers
 from attrface_pipeline.images import encode_image
 from attrface_pipeline.models.store import model_fingerprint
+from attrface_pipeline.remote import pull_dirs, push_dirs
 from attrface_pipeline.storage import atomic_write_bytes
 from training.eval.report import load_set, run_report, write_report
 
@@ -60,9 +62,11 @@ def eval_report(context: dg.AssetExecutionContext, attrface: AttrFaceConfig, con
     if overrides:
         cfg = cfg.model_copy(update={"eval": type(cfg.eval).model_validate({**cfg.eval.model_dump(), **overrides})})
     e = cfg.eval
+    pull_dirs(cfg.paths, *(f"{BENCH_DIR}/{name}" for name in e.sets))
     sets = [load_set(cfg.paths.data_root / BENCH_DIR / name, name, max_faces=e.max_faces) for name in e.sets]
     hq = next((s for s in sets if s.name == "celeba_test_levels"), None)
     weights = _trained_weights(context, e.methods)
+    pull_dirs(cfg.paths, *(Path(w) for w in weights.values() if w))  # trained on another machine: its run folder
     methods = build_eval_methods(cfg, weights)
     scorers = build_eval_scorers(cfg)
     out_dir = cfg.paths.data_root / EVAL_DIR
@@ -75,6 +79,7 @@ def eval_report(context: dg.AssetExecutionContext, attrface: AttrFaceConfig, con
               "weights": {k: {"spec": v, "fingerprint": model_fingerprint(v) if v else None} for k, v in specs.items()},
               "judge_model": getattr(scorers.judge, "model_id", None), "run_id": context.run_id}
     paths = write_report(report, out_dir, record=record, write=atomic_write_bytes)
+    push_dirs(cfg.paths, EVAL_DIR)
     metadata = {
         "report": dg.MetadataValue.md(report.markdown),
         "methods": dg.MetadataValue.json(report.methods),

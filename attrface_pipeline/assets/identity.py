@@ -3,6 +3,7 @@
 import dagster as dg
 
 from attrface_pipeline.assets.ingest import faces
+from attrface_pipeline.remote import remote_root
 from attrface_pipeline.assets.partition_loop import CachedBuilder, run_partitions
 from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
 from attrface_pipeline.assets.resources import AttrFaceConfig
@@ -47,7 +48,7 @@ def face_identities(context: dg.AssetExecutionContext, attrface: AttrFaceConfig)
                       "embedding": [float(v) for v in vec]} for r, vec in zip(batch, vectors)]
         return rows, {"faces": len(rows)}
 
-    results = run_partitions("face_identities", context.partition_keys, data_root=root,
+    results = run_partitions("face_identities", context.partition_keys, data_root=root, remote=remote_root(cfg.paths),
                              fingerprint=identity_fingerprint(cfg), upstream="faces", schema=EMBEDDING_SCHEMA,
                              compute=compute, model=scorer, log=context.log.info)
     computed = sum(r.rows_computed for r in results)

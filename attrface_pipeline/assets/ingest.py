@@ -6,14 +6,16 @@ from collections import Counter
 
 import dagster as dg
 
-from attrface_pipeline.assets.common import chunk_paths, chunk_plan, counts_json, preview_markdown, table_markdown
+from attrface_pipeline.assets.common import (chunk_paths, chunk_plan, chunk_registry, counts_json, preview_markdown,
+                                             table_markdown)
+from attrface_pipeline.remote import remote_root
 from attrface_pipeline.assets.partition_loop import CachedBuilder, run_partitions
 from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.builders import align_spec, build_detector, face_thresholds
 from attrface_pipeline.config import PipelineConfig
 from attrface_pipeline.images import read_rgb
-from attrface_pipeline.stages.chunks import ChunkConflict, ChunkRegistry
+from attrface_pipeline.stages.chunks import ChunkConflict
 from attrface_pipeline.stages.faces import FACE_SCHEMA, extract_faces
 from attrface_pipeline.stages.ingest import (SOURCE_SCHEMA, ContentIndex, HashCache, ingest_chunk, keys_digest,
                                             records_to_rows)
@@ -57,7 +59,7 @@ def _raw_images_fingerprint(cfg: PipelineConfig, paths: list[str], earlier: dict
 )
 def raw_images(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
     cfg = attrface.pipeline_config()
-    registry = ChunkRegistry(cfg.paths.data_root)
+    registry = chunk_registry(cfg)
     try:
         plan = chunk_plan(cfg)  # one directory scan per step, not one per partition
         # Fix the members of every new chunk before anything is built from one: all of them at once, so numbering
@@ -90,7 +92,8 @@ def raw_images(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> d
         }
 
     results = run_partitions(
-        "raw_images", partitions, data_root=cfg.paths.data_root, schema=SOURCE_SCHEMA, compute=compute,
+        "raw_images", partitions, data_root=cfg.paths.data_root, remote=remote_root(cfg.paths), schema=SOURCE_SCHEMA,
+        compute=compute,
         fingerprint=lambda p: _raw_images_fingerprint(cfg, chunk_paths(chunks, p), index.earlier(p)),
         log=context.log.info,
     )
@@ -138,6 +141,7 @@ def faces(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.Mat
 
     # resume: an interrupted partition keeps the crops and records of the images it finished
     results = run_partitions("faces", context.partition_keys, data_root=cfg.paths.data_root,
+                             remote=remote_root(cfg.paths),
                              fingerprint=cfg.fingerprint("detect", "align"), upstream="raw_images",
                              schema=FACE_SCHEMA, compute=compute, resume=["aligned"], model=detector,
                              log=context.log.info)

@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import pyarrow as pa
 
+from attrface_pipeline.remote import RemoteRoot
 from attrface_pipeline.storage import PartitionStore
 
 T = TypeVar("T")
@@ -73,6 +74,7 @@ def run_partitions(
     upstream: str | None = None,
     resume: Sequence[str] | None = None,
     model: CachedBuilder | None = None,
+    remote: RemoteRoot | None = None,
     log: Callable[[str], None] = print,
 ) -> list[PartitionResult]:
     """Make every partition of ``asset`` complete, in order; returns one :class:`PartitionResult` per partition.
@@ -83,10 +85,16 @@ def run_partitions(
     partition keeps when its fingerprint is unchanged; ``None`` for assets that recompute a partition whole.
     ``model`` is built before the first compute (outside its timing). ``compute`` returns the manifest rows and
     the partition's stats; ``partition`` and ``seconds`` are added to the stats here.
+
+    ``remote``: the data root is a URL and ``data_root`` its working copy. Each partition first pulls the chunk's
+    committed remote work (its own and its upstreams'), and is committed to the URL once complete (``_stats.json``
+    last), so any machine can run any step of any chunk.
     """
     results = []
     for partition in partitions:
         store = PartitionStore(data_root, asset, partition)
+        if remote is not None:
+            remote.pull_partition(partition)
         fp = fingerprint(partition) if callable(fingerprint) else fingerprint
         if upstream is not None:
             fp += PartitionStore(data_root, upstream, partition).fingerprint()[:8]
@@ -107,5 +115,8 @@ def run_partitions(
             log(f"{asset} {partition}: {count} rows in {seconds:.1f} s")
         else:
             log(f"{asset} {partition}: complete, reusing {store.dir}")
+        if remote is not None and not remote.is_committed(f"{asset}/{partition}"):
+            files = remote.push(f"{asset}/{partition}")
+            log(f"{asset} {partition}: committed {files} files to {remote.url}")
         results.append(PartitionResult(partition, store, store.read_stats(), computed, seconds, count))
     return results

@@ -11,6 +11,7 @@ from attrface_pipeline.assets.identity import face_identities
 from attrface_pipeline.assets.qc import qc
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.config import PipelineConfig
+from attrface_pipeline.remote import pull_chunks, remote_root
 from attrface_pipeline.plots import stacked_bar_png
 from attrface_pipeline.stages.card import render_card
 from attrface_pipeline.stages.checks import pass_rates
@@ -47,6 +48,8 @@ def attrface_shards(context: dg.AssetExecutionContext, attrface: AttrFaceConfig)
     out = root / PUBLISH_DIR
     (out / "_stats.json").unlink(missing_ok=True)  # not complete until rewritten at the end
     chunks = list(source_chunks(cfg))
+    remote = remote_root(cfg.paths)
+    pull_chunks(cfg.paths, chunks)  # a URL data root: every chunk's committed work into the working copy
     qc_rows = [r for _, r in _manifests(cfg, "qc", chunks)]
     edit_rows = _manifests(cfg, "edits", chunks)
     part_of = {r["pair_key"]: p for p, r in edit_rows}
@@ -75,7 +78,7 @@ def attrface_shards(context: dg.AssetExecutionContext, attrface: AttrFaceConfig)
     check_unique_keys(samples)  # over all splits, before any shard is replaced
     t0 = time.perf_counter()
     splits = {split: write_split([s for s in samples if s.split == split], out / split, split, pub.shard_size,
-                                 pub.image_format, pub.jpeg_quality, log=context.log.info, workers=pub.workers)
+                                 pub.image_format, log=context.log.info, workers=pub.workers)
               for split in SPLITS}
     seconds = time.perf_counter() - t0
     verify_published_keys(out)  # what is on disk, all shards of all splits; _stats.json is not written on failure
@@ -84,6 +87,8 @@ def attrface_shards(context: dg.AssetExecutionContext, attrface: AttrFaceConfig)
              "excluded_by_review": passed - len(samples), "review": pub.review, "identity_split": identity,
              "bytes": sum(s["bytes"] for s in splits.values())}
     atomic_write_json(out / "_stats.json", {**stats, "fingerprint": cfg.fingerprint("publish")})
+    if remote is not None:
+        context.log.info(f"committed {remote.push(PUBLISH_DIR)} files to {remote.url}/{PUBLISH_DIR}")
     return dg.MaterializeResult(metadata={
         "samples": len(samples),
         **{f"{k}_samples": v["samples"] for k, v in splits.items()},
@@ -109,12 +114,17 @@ def dataset_card(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) ->
 
     cfg = attrface.pipeline_config()
     out = cfg.paths.data_root / PUBLISH_DIR
+    remote = remote_root(cfg.paths)
+    if remote is not None:
+        remote.pull(PUBLISH_DIR)
+    chunks = list(source_chunks(cfg))
+    pull_chunks(cfg.paths, chunks)
     stats = json.loads((out / "_stats.json").read_text())
     metas = []
     for split in SPLITS:
         for shard in sorted((out / split).glob("*.tar")):
             metas += [json.loads(s["json"]) for s in read_back(shard)]
-    qc_rows = [r for _, r in _manifests(cfg, "qc", list(source_chunks(cfg)))]
+    qc_rows = [r for _, r in _manifests(cfg, "qc", chunks)]
     rates = pass_rates(qc_rows)
     table = []
     for attribute in sorted({m["edit"]["attribute"] for m in metas}):
@@ -124,12 +134,16 @@ def dataset_card(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) ->
     if table:
         png = stacked_bar_png(table, "attribute", ["add", "remove"], f"flips over {len(metas)} published pairs")
         atomic_write_bytes(out / "attribute_distribution.png", png)
+        if remote is not None:
+            remote.put_bytes(f"{PUBLISH_DIR}/attribute_distribution.png", png)
         chart = "attribute_distribution.png"
     text = render_card(name=cfg.source.dataset_name, splits=stats["splits"], samples_meta=metas, qc_rates=rates,
                        qc_pairs=len(qc_rows), config_dump=cfg.model_dump(mode="json"), profile=cfg.profile,
                        chart_file=chart, gate=cfg.qc.gate, review=cfg.publish.review,
                        identity=stats.get("identity_split"))
     atomic_write_bytes(out / "README.md", text.encode())
+    if remote is not None:  # beside the committed shards; the card does not change their marker
+        remote.put_bytes(f"{PUBLISH_DIR}/README.md", text.encode())
     metadata = {"samples": len(metas), "card": dg.MetadataValue.md(text.split("---", 2)[-1][:20000]),
                 "path": dg.MetadataValue.path(str(out / "README.md"))}
     if chart:

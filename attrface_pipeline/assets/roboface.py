@@ -19,6 +19,7 @@ from attrface_pipeline.assets.common import gpu_op_tags, training_gpus
 from attrface_pipeline.assets.publish import PUBLISH_DIR, attrface_shards
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.training import run_training_subprocess
+from attrface_pipeline.remote import synced
 from attrface_pipeline.builders import build_roboface_captioner, roboface_train_config
 
 CAPTIONS_DIR = "roboface_captions"
@@ -52,8 +53,9 @@ def roboface_captions(context: dg.AssetExecutionContext, attrface: AttrFaceConfi
 
     cfg = attrface.pipeline_config()
     captioner = build_roboface_captioner(cfg)
-    summary = caption_split(cfg.paths.data_root / PUBLISH_DIR, cfg.paths.data_root / CAPTIONS_DIR, captioner,
-                            batch_size=cfg.roboface.caption_batch_size, log=context.log.info)
+    with synced(cfg.paths, pull=[PUBLISH_DIR, CAPTIONS_DIR], push=[CAPTIONS_DIR]):
+        summary = caption_split(cfg.paths.data_root / PUBLISH_DIR, cfg.paths.data_root / CAPTIONS_DIR, captioner,
+                                batch_size=cfg.roboface.caption_batch_size, log=context.log.info)
     examples = [r for r in pq.read_table(summary.path).to_pylist() if r["caption"]][:3]
     return dg.MaterializeResult(metadata={
         "samples": summary.samples, "images": summary.images, "failed": summary.failed, "cached": summary.cached,
@@ -64,11 +66,13 @@ def roboface_captions(context: dg.AssetExecutionContext, attrface: AttrFaceConfi
     })
 
 
-def _launch(context: dg.AssetExecutionContext, train_cfg, processes: int) -> dg.MaterializeResult:
-    context.log.info(f"RoboFace {train_cfg.stage} run folder {train_cfg.run.output_dir} ({processes} process(es))")
-    results = run_training_subprocess(context, module="training.roboface.train",
-                                      config=train_cfg.model_dump(mode="json"),
-                                      output_dir=Path(train_cfg.run.output_dir), num_processes=processes)
+def _launch(context: dg.AssetExecutionContext, cfg, train_cfg, processes: int, inputs=()) -> dg.MaterializeResult:
+    run_dir = Path(train_cfg.run.output_dir)
+    context.log.info(f"RoboFace {train_cfg.stage} run folder {run_dir} ({processes} process(es))")
+    with synced(cfg.paths, pull=[PUBLISH_DIR, *inputs, run_dir], push=[run_dir]):  # a URL data root
+        results = run_training_subprocess(context, module="training.roboface.train",
+                                          config=train_cfg.model_dump(mode="json"), output_dir=run_dir,
+                                          num_processes=processes)
     return results.get_materialize_result()
 
 
@@ -87,7 +91,7 @@ def roboface_stage1(context: dg.AssetExecutionContext, attrface: AttrFaceConfig,
     overrides = config.model_dump(exclude={"output_dir"})
     train_cfg = roboface_train_config(cfg, shards=str(cfg.paths.data_root / PUBLISH_DIR), stage="stage1",
                                       output_dir=config.output_dir, **overrides)
-    return _launch(context, train_cfg, overrides["num_processes"] or cfg.roboface.num_processes)
+    return _launch(context, cfg, train_cfg, overrides["num_processes"] or cfg.roboface.num_processes)
 
 
 @dg.asset(
@@ -115,4 +119,5 @@ def roboface_model(context: dg.AssetExecutionContext, attrface: AttrFaceConfig,
     train_cfg = roboface_train_config(cfg, shards=str(cfg.paths.data_root / PUBLISH_DIR), stage="stage2",
                                       captions=str(cfg.paths.data_root / CAPTIONS_DIR / CAPTIONS_FILE),
                                       stage1_dir=stage1_dir, output_dir=config.output_dir, **overrides)
-    return _launch(context, train_cfg, overrides["num_processes"] or cfg.roboface.num_processes)
+    return _launch(context, cfg, train_cfg, overrides["num_processes"] or cfg.roboface.num_processes,
+                   inputs=[CAPTIONS_DIR, *([Path(stage1_dir)] if stage1_dir else [])])

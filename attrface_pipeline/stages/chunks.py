@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from attrface_pipeline.stages.ingest import chunk_key
-from attrface_pipeline.storage import create_json_once
+from attrface_pipeline.storage import json_bytes, create_json_once
 
 REGISTRY_DIR = "_chunks"
 _CHUNK_FILE = re.compile(r"^chunk-(\d{5,})\.json$")
@@ -47,8 +48,11 @@ class ChunkPlan:
 class ChunkRegistry:
     """The registered chunks of one data root (``<data_root>/_chunks/chunk-NNNNN.json``)."""
 
-    def __init__(self, data_root: str | Path):
+    def __init__(self, data_root: str | Path, remote: Any = None):
+        """``remote``: a :class:`~attrface_pipeline.remote.RemoteRoot` whose working copy is ``data_root``; the
+        registry then lives at the URL (entries created there exclusively) and is read through the copy."""
         self.dir = Path(data_root) / REGISTRY_DIR
+        self.remote = remote
 
     def _file(self, chunk: str) -> Path:
         return self.dir / f"{chunk}.json"
@@ -62,6 +66,8 @@ class ChunkRegistry:
 
     def registered(self) -> dict[str, list[str]]:
         """{chunk: members} of every registered chunk, in chunk order. An unreadable entry is a clear error."""
+        if self.remote is not None:
+            self.remote.pull_files(REGISTRY_DIR)  # entries never change: new ones are all there is to fetch
         if not self.dir.is_dir():
             return {}
         found = sorted((int(m.group(1)), path) for path in self.dir.iterdir() if (m := _CHUNK_FILE.match(path.name)))
@@ -89,9 +95,13 @@ class ChunkRegistry:
         nothing to do. With other members: :class:`ChunkConflict`."""
         members = [str(p) for p in members]
         path = self._file(chunk)
-        wrote = not path.exists() and create_json_once(path, {
-            "chunk": chunk, "members": members,
-            "registered_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        entry = {"chunk": chunk, "members": members,
+                 "registered_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if self.remote is not None:
+            wrote = not path.exists() and self.remote.create_once(f"{REGISTRY_DIR}/{path.name}", json_bytes(entry))
+            self.remote.pull_files(REGISTRY_DIR)
+        else:
+            wrote = not path.exists() and create_json_once(path, entry)
         existing = self._read(path)  # whoever created it first decides its members
         if existing != members:
             raise ChunkConflict(
