@@ -89,7 +89,8 @@ def edit_spec(cfg: PipelineConfig) -> EditSpec:
     e = cfg.edit
     return EditSpec(resolution=e.resolution, params=flowedit_params(e), seed=e.seed, region_masks=e.region_masks,
                     beta_map=e.beta_map, mask_softness=e.mask_softness, batch_size=e.batch_size,
-                    model_id=cfg.models.sd3)
+                    model_id=cfg.models.sd3, image_format=cfg.publish.image_format,
+                    jpeg_quality=cfg.publish.jpeg_quality, lossless_master=e.lossless_master)
 
 
 def build_editor(cfg: PipelineConfig) -> FlowEditor:

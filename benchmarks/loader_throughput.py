@@ -37,9 +37,9 @@ def _write_shards(work: Path, *, samples: int, shard_size: int) -> Path:
     pairs = []
     for i, photo in enumerate(photos):
         rgb = cv2.resize(read_rgb(photo), (512, 512), interpolation=cv2.INTER_AREA)
-        src, tar = work / f"s{i}.png", work / f"t{i}.png"
-        src.write_bytes(encode_image(rgb, "png"))
-        tar.write_bytes(encode_image(rgb[:, ::-1].copy(), "png"))
+        src, tar = work / f"s{i}.jpg", work / f"t{i}.jpg"
+        src.write_bytes(encode_image(rgb, "jpg"))
+        tar.write_bytes(encode_image(rgb[:, ::-1].copy(), "jpg"))
         pairs.append((src, tar))
     probs = dict(zip(CELEBA_ATTRIBUTES, np.random.default_rng(0).uniform(0, 1, 40).round(5).tolist()))
     rows = []

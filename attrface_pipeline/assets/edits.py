@@ -2,11 +2,14 @@
 
 import resource
 
+import hashlib
+
 import dagster as dg
 import torch
 
 from attrface_pipeline.assets.attributes import edit_prompts
 from attrface_pipeline.assets.common import gpu_op_tags, png_markdown, table_markdown
+from attrface_pipeline.remote import remote_root
 from attrface_pipeline.assets.partition_loop import CachedBuilder, run_partitions
 from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
 from attrface_pipeline.assets.resources import AttrFaceConfig
@@ -46,11 +49,14 @@ def edits(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.Mat
         return run_edits(pairs, editor(), spec, store, lambda rel: read_rgb(root / rel), log=context.log.info,
                          log_every=cfg.edit.log_every)
 
-    # resume: an interrupted partition keeps the pairs it finished (records/<pair_key>.json and images/)
-    results = run_partitions("edits", context.partition_keys, data_root=root,
-                             fingerprint=cfg.fingerprint("edit") + model_fingerprint(cfg.models.sd3),
-                             upstream="edit_prompts", schema=EDIT_SCHEMA, compute=compute, resume=["images"],
-                             model=editor, log=context.log.info)
+    # One hash over the edit settings, the model and the published image encoding (images are encoded once, here):
+    # downstream fingerprints keep a prefix of it, so each must change the whole string.
+    fingerprint = hashlib.sha256(f"{cfg.fingerprint('edit')}|{model_fingerprint(cfg.models.sd3)}|"
+                                 f"{cfg.publish.image_format}|{cfg.publish.jpeg_quality}".encode()).hexdigest()[:16]
+    # resume: an interrupted partition keeps the pairs it finished (records/<pair_key>.json and their images)
+    results = run_partitions("edits", context.partition_keys, data_root=root, remote=remote_root(cfg.paths),
+                             fingerprint=fingerprint, upstream="edit_prompts", schema=EDIT_SCHEMA, compute=compute,
+                             resume=["images", "sources", "masters"], model=editor, log=context.log.info)
     all_stats = [r.stats for r in results]
     all_rows = [(r.store, row) for r in results for row in r.rows()]
     edited = sum(s["pairs_edited"] for s in all_stats)

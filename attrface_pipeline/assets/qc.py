@@ -4,6 +4,7 @@ import dagster as dg
 
 from attrface_pipeline.assets.common import gpu_op_tags, png_markdown, table_markdown
 from attrface_pipeline.assets.edits import edits
+from attrface_pipeline.remote import remote_root
 from attrface_pipeline.assets.partition_loop import CachedBuilder, run_partitions
 from attrface_pipeline.assets.partitions import PER_CHUNK, SOURCE_PARTITIONS
 from attrface_pipeline.assets.resources import AttrFaceConfig
@@ -50,7 +51,7 @@ def qc(context: dg.AssetExecutionContext, attrface: AttrFaceConfig):
         )
         return rows, {"pairs": len(rows), "rates": pass_rates(rows)}
 
-    results = run_partitions("qc", context.partition_keys, data_root=root,
+    results = run_partitions("qc", context.partition_keys, data_root=root, remote=remote_root(cfg.paths),
                              fingerprint=cfg.fingerprint("qc", "attributes") + model_fingerprint(cfg.models.farl),
                              upstream="edits", schema=QC_SCHEMA, compute=compute, model=scorers, log=context.log.info)
     rows = [row for r in results for row in r.rows()]
@@ -97,7 +98,7 @@ def qc_metadata(rows: list[dict], rates: dict, cfg: PipelineConfig, th: QCThresh
     ]
     tiles = []
     for ex in examples[:6]:
-        found = sorted((cfg.paths.data_root / "edits").glob(f"*/images/{ex['pair_key']}.png"))
+        found = sorted((cfg.paths.data_root / "edits").glob(f"*/images/{ex['pair_key']}.*"))
         if found:
             tiles.append(read_rgb(found[0]))
     metadata = {

@@ -3,6 +3,11 @@
 Each finished pair writes its image, then a small JSON record (``records/<pair_key>.json``) atomically; a re-run
 skips pairs whose record exists, so a crash loses at most the batch in flight. The manifest is built from the
 records at the end.
+
+Images are encoded once, here, in the published format (``publish.image_format``): the edit
+(``images/<pair_key>.jpg``) and, once per face, the source at the edit's resolution (``sources/<face_key>.jpg``).
+QC scores those very files and publishing copies their bytes into the shards without decoding them. A PNG master
+of each edit (``masters/``) is optional (``edit.lossless_master``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from attrface_pipeline.images import encode_image
+from attrface_pipeline.images import EXTENSIONS, encode_image
 from attrface_pipeline.stages.flowedit import FlowEditor, FlowEditParams
 from attrface_pipeline.stages.regions import ATTRIBUTE_REGIONS, region_mask
 from attrface_pipeline.storage import PartitionStore, atomic_write_bytes, atomic_write_json
@@ -32,7 +37,9 @@ EDIT_SCHEMA = pa.schema(
         ("source_prompt", pa.string()),
         ("target_prompt", pa.string()),
         ("source_path", pa.string()),  # the aligned crop, relative to the data root
-        ("edit_path", pa.string()),  # relative to this partition's directory
+        ("edit_path", pa.string()),  # relative to this partition's directory, in the published format
+        ("source_image", pa.string()),  # the source at the edit's resolution, published format, same directory
+        ("master_path", pa.string()),  # the edit as PNG (edit.lossless_master), else null
         ("resolution", pa.int32()),
         ("seed", pa.int64()),
         ("params", pa.string()),  # JSON: FlowEdit parameters incl. beta / beta_schedule, map and mask choices
@@ -67,6 +74,12 @@ class EditSpec:
     mask_softness: float = 0.08
     batch_size: int = 4
     model_id: str = ""
+    image_format: str = "png"  # the published format: edits and sources are encoded once, in it
+    jpeg_quality: int = 95
+    lossless_master: bool = False
+
+    def encode(self, rgb: np.ndarray) -> bytes:
+        return encode_image(np.ascontiguousarray(rgb), self.image_format, self.jpeg_quality)
 
 
 def pair_seed(seed: int, pair_key: str) -> int:
@@ -131,13 +144,20 @@ def run_edits(pairs: Sequence[EditPair], editor: FlowEditor, spec: EditSpec, sto
         edited, timing = editor.edit(small, [p.source_prompt for p in batch], [p.target_prompt for p in batch],
                                      spec.params, seeds, beta_maps, masks)
         elapsed = time.perf_counter() - t0
-        for p, image, seed in zip(batch, edited, seeds):
-            rel = f"images/{p.pair_key}.png"
-            atomic_write_bytes(store.path(rel), encode_image(image, "png"))
+        ext = EXTENSIONS[spec.image_format]
+        for p, image, source, seed in zip(batch, edited, small, seeds):
+            rel, source_rel = f"images/{p.pair_key}{ext}", f"sources/{p.face_key}{ext}"
+            atomic_write_bytes(store.path(rel), spec.encode(image))
+            if not store.path(source_rel).exists():  # once per face, whichever of its pairs comes first
+                atomic_write_bytes(store.path(source_rel), spec.encode(source))
+            master = f"masters/{p.pair_key}.png" if spec.lossless_master else None
+            if master:
+                atomic_write_bytes(store.path(master), encode_image(image, "png"))
             atomic_write_json(_record_path(store, p.pair_key), {
                 "pair_key": p.pair_key, "face_key": p.face_key, "image_key": p.image_key, "attribute": p.attribute,
                 "direction": p.direction, "source_prompt": p.source_prompt, "target_prompt": p.target_prompt,
-                "source_path": p.source_path, "edit_path": rel, "resolution": spec.resolution, "seed": seed,
+                "source_path": p.source_path, "edit_path": rel, "source_image": source_rel, "master_path": master,
+                "resolution": spec.resolution, "seed": seed,
                 "params": params_json, "model_id": spec.model_id, "prompt_backend": p.prompt_backend,
                 "seconds": elapsed / len(batch),
             })

@@ -14,11 +14,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pyarrow as pa
 
-from attrface_pipeline.images import encode_image
+from attrface_pipeline.images import EXTENSIONS
 from attrface_pipeline.storage import atomic_file, atomic_write_json, atomic_write_parquet
 
 SPLITS = ("train", "test")
@@ -48,8 +46,8 @@ def split_of(group_key: str, test_fraction: float, salt: str = "attrface-v1") ->
 class Sample:
     key: str  # no dots: WebDataset splits member names at the first dot
     split: str
-    source_path: Path
-    edit_path: Path
+    source_path: Path  # the source at the edit's resolution, encoded in the published format (edits' sources/)
+    edit_path: Path  # the edit, encoded in the published format
     meta: dict  # the sample's .json member
     source_prompt: str
     target_prompt: str
@@ -99,23 +97,20 @@ def verify_published_keys(out_dir: Path, splits: Sequence[str] = SPLITS) -> int:
     return len(located)
 
 
-def _image_bytes(path: Path, size: tuple[int, int] | None, fmt: str, quality: int) -> tuple[bytes, tuple[int, int]]:
-    from attrface_pipeline.images import read_rgb
+def _encoded(path: Path, image_format: str) -> bytes:
+    """The bytes of an image that ``edits`` encoded in the published format; any other format is a clear error."""
+    if path.suffix != EXTENSIONS[image_format]:
+        raise ValueError(f"{path} is not encoded as publish.image_format={image_format!r}: the edits were made "
+                         f"under another publish format. Re-materialize edits (and qc) with this config.")
+    return path.read_bytes()
 
-    rgb = read_rgb(path)
-    if size is not None and rgb.shape[:2] != size:
-        rgb = cv2.resize(rgb, size[::-1], interpolation=cv2.INTER_AREA)
-    return encode_image(np.ascontiguousarray(rgb), fmt, quality), rgb.shape[:2]
 
-
-def sample_members(sample: Sample, image_format: str = "jpg", quality: int = 95) -> dict[str, bytes]:
-    """The five members: src/tar images (the source brought to the edit's size), json, src/tar captions."""
-    tar, size = _image_bytes(sample.edit_path, None, image_format, quality)
-    src, _ = _image_bytes(sample.source_path, size, image_format, quality)
-    ext = "jpg" if image_format == "jpg" else image_format
+def sample_members(sample: Sample, image_format: str = "jpg") -> dict[str, bytes]:
+    """The five members: src/tar images as ``edits`` encoded them (no decoding here), json, src/tar captions."""
+    ext = EXTENSIONS[image_format].lstrip(".")
     return {
-        f"src.{ext}": src,
-        f"tar.{ext}": tar,
+        f"src.{ext}": _encoded(sample.source_path, image_format),
+        f"tar.{ext}": _encoded(sample.edit_path, image_format),
         "json": json.dumps(sample.meta, sort_keys=True, ensure_ascii=False).encode(),
         "src.txt": sample.source_prompt.encode(),
         "tar.txt": sample.target_prompt.encode(),
@@ -133,10 +128,10 @@ def _write_tar(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> N
         writer.close()  # closes the tar stream, not ``f``
 
 
-def _write_shard(job: tuple[Sequence[Sample], Path, str, int]) -> tuple[str, int, int]:
+def _write_shard(job: tuple[Sequence[Sample], Path, str]) -> tuple[str, int, int]:
     """One shard and its parquet index; returns (name, samples, bytes)."""
-    chunk, path, image_format, quality = job
-    members = [(s.key, sample_members(s, image_format, quality)) for s in chunk]
+    chunk, path, image_format = job
+    members = [(s.key, sample_members(s, image_format)) for s in chunk]
     _write_tar(path, members)
     rows = [{"key": s.key, "shard": path.name, "index_in_shard": i, "attribute": s.meta["edit"]["attribute"],
              "direction": s.meta["edit"]["direction"], "face_key": s.meta["face_key"],
@@ -147,13 +142,13 @@ def _write_shard(job: tuple[Sequence[Sample], Path, str, int]) -> tuple[str, int
 
 
 def write_split(samples: Sequence[Sample], out_dir: Path, split: str, shard_size: int, image_format: str = "jpg",
-                quality: int = 95, log: Callable[[str], None] = print, workers: int = 1) -> dict:
+                log: Callable[[str], None] = print, workers: int = 1) -> dict:
     """Write one split's shards (+ parquet index per shard); remove shards left over from an earlier publish."""
     check_unique_keys(samples)  # before anything is written: a duplicate would otherwise be published silently
     out_dir.mkdir(parents=True, exist_ok=True)
     ordered = sorted(samples, key=lambda s: s.key)
     jobs = [(ordered[start:start + shard_size], out_dir / SHARD_PATTERN.format(split=split, index=index),
-             image_format, quality) for index, start in enumerate(range(0, len(ordered), shard_size))]
+             image_format) for index, start in enumerate(range(0, len(ordered), shard_size))]
     written, sizes, total_bytes = [], {}, 0
     # Shards are independent (and each is deterministic), so they can be encoded in parallel processes.
     if workers > 1 and len(jobs) > 1:
@@ -239,7 +234,7 @@ def assemble_samples(*, qc_rows: Sequence[dict], edit_rows: Sequence[dict], attr
         }
         out.append(Sample(
             key=q["pair_key"], split=split_of(_group(split_group, e), test_fraction, salt),
-            source_path=data_root / e["source_path"], edit_path=edit_dir(e) / e["edit_path"], meta=meta,
+            source_path=edit_dir(e) / e["source_image"], edit_path=edit_dir(e) / e["edit_path"], meta=meta,
             source_prompt=e["source_prompt"], target_prompt=e["target_prompt"],
         ))
     return out

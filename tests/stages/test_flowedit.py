@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from attrface_pipeline.images import read_rgb
+from attrface_pipeline.images import encode_image, read_rgb
 from attrface_pipeline.stages.align import template_points
 from attrface_pipeline.stages.edits import EditPair, EditSpec, pair_seed, run_edits
 from attrface_pipeline.stages.flowedit import FlowEditor, FlowEditParams, flowedit, guided
@@ -171,3 +171,26 @@ def test_run_edits_resumes_pair_by_pair(editor, samples, tmp_path):
     assert stats2["pairs_resumed"] == 2 and stats2["pairs_edited"] == 1
     # same seed, same result (up to one grey level: it ran in a batch of 1 this time, of 2 before)
     assert np.abs(read_rgb(store.path(rows2[1]["edit_path"])).astype(int) - first).max() <= 1
+
+
+def test_edits_are_encoded_once_in_the_published_format(editor, samples, tmp_path):
+    """The edit and (once per face) the source at the edit's resolution, as JPEG q95 where they are made; the
+    optional PNG master is the same pixels."""
+    crop = read_rgb(next(p for p in sorted((samples / "hq").iterdir()) if p.suffix in {".jpg", ".png"}))
+    crop = cv2.resize(crop, (2 * SIZE, 2 * SIZE))
+    lm = tuple(template_points("ffhq", 2 * SIZE).reshape(-1))
+    pairs = [EditPair(f"f_00_{a}_add", "f_00", "f", a, "add", SRC, f"{SRC} {a}", "crop.png", lm, "template")
+             for a in ("Eyeglasses", "Smiling", "Bangs")]
+    store = PartitionStore(tmp_path, "edits", "chunk-00000")
+    spec = EditSpec(resolution=SIZE, params=P(), batch_size=2, image_format="jpg", jpeg_quality=95,
+                    lossless_master=True)
+    rows, _ = run_edits(pairs, editor, spec, store, lambda rel: crop, log=lambda m: None)
+    assert {r["source_image"] for r in rows} == {"sources/f_00.jpg"}
+    assert sorted(p.name for p in store.path("sources").iterdir()) == ["f_00.jpg"]  # once per face
+    small = cv2.resize(crop, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    assert store.path("sources/f_00.jpg").read_bytes() == encode_image(small, "jpg", 95)
+    for r in rows:
+        assert r["edit_path"] == f"images/{r['pair_key']}.jpg" and r["master_path"] == f"masters/{r['pair_key']}.png"
+        master = read_rgb(store.path(r["master_path"]))
+        assert master.shape == (SIZE, SIZE, 3)
+        assert store.path(r["edit_path"]).read_bytes() == encode_image(master, "jpg", 95)

@@ -25,9 +25,9 @@ def pairs(tmp_path_factory, samples):
     out = []
     for i, photo in enumerate(photos[:7]):
         rgb = cv2.resize(read_rgb(photo), (128, 128), interpolation=cv2.INTER_AREA)
-        src, tar = tmp / f"src{i}.png", tmp / f"tar{i}.png"
-        src.write_bytes(encode_image(rgb, "png"))
-        tar.write_bytes(encode_image(rgb[:, ::-1].copy(), "png"))
+        src, tar = tmp / f"src{i}.jpg", tmp / f"tar{i}.jpg"
+        src.write_bytes(encode_image(rgb, "jpg"))
+        tar.write_bytes(encode_image(rgb[:, ::-1].copy(), "jpg"))
         key = f"face{i:02d}_00_Smiling_add"
         meta = {"key": key, "face_key": f"face{i:02d}_00", "image_key": f"img{i:02d}",
                 "edit": {"attribute": "Smiling", "direction": "add"}, "qc": {"identity_similarity": 0.7}}
@@ -147,3 +147,14 @@ def test_published_keys_are_verified_over_all_shards_of_all_splits(pairs, tmp_pa
     with pytest.raises(DuplicateSampleKeyError, match=f"1 sample key.*{pairs[3].key} in train/attrface-train-000001"
                                                       ".tar, test/attrface-test-000000.tar"):
         verify_published_keys(out)
+
+
+def test_images_are_copied_into_the_tars_as_encoded(pairs, tmp_path):
+    """Encode once: the src/tar members are the bytes ``edits`` wrote, never decoded and re-encoded here."""
+    write_split(pairs, tmp_path / "train", "train", shard_size=4, log=lambda m: None)
+    got = {s["__key__"]: s for shard in sorted((tmp_path / "train").glob("*.tar")) for s in read_back(shard)}
+    for p in pairs:
+        assert got[p.key]["src.jpg"] == p.source_path.read_bytes()
+        assert got[p.key]["tar.jpg"] == p.edit_path.read_bytes()
+    with pytest.raises(ValueError, match="publish.image_format='png'.*Re-materialize edits"):
+        write_split(pairs, tmp_path / "png", "train", shard_size=4, image_format="png", log=lambda m: None)

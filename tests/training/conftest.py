@@ -39,9 +39,9 @@ def shard_dir(tmp_path_factory, samples):
     pairs = []
     for n in range(SHARDS * PER_SHARD):
         rgb = _square(read_rgb(photos[n % len(photos)]), SIZE)
-        src, tar = tmp / f"src{n}.png", tmp / f"tar{n}.png"
-        src.write_bytes(encode_image(rgb, "png"))
-        tar.write_bytes(encode_image(np.clip(rgb[:, ::-1].astype(int) + 40, 0, 255).astype(np.uint8), "png"))
+        src, tar = tmp / f"src{n}.jpg", tmp / f"tar{n}.jpg"
+        src.write_bytes(encode_image(rgb, "jpg"))
+        tar.write_bytes(encode_image(np.clip(rgb[:, ::-1].astype(int) + 40, 0, 255).astype(np.uint8), "jpg"))
         probs = {a: round(float(p), 5) for a, p in zip(CELEBA_ATTRIBUTES, rng.uniform(0, 1, 40))}
         attribute = DEFAULT_CONTROLLABLE[n % len(DEFAULT_CONTROLLABLE)]
         direction = ADD if n % 2 else REMOVE
