@@ -246,7 +246,7 @@ class PublishConfig(_Strict):
     image_format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = Field(95, ge=1, le=100)
     test_fraction: float = Field(0.1, ge=0, le=1, description="share of source photos in the test split")
-    workers: int = Field(2, ge=1, description="processes encoding shards in parallel (each shard is independent)")
+    workers: int = Field(2, ge=1, description="threads writing shards in parallel (each shard is independent)")
     split_salt: str = Field("attrface-v1", description="changing it reshuffles the (stable) split")
     split_by: Literal["identity", "photo"] = Field(
         "identity", description="identity: one person never on both sides (face_identities + union-find); photo: "
