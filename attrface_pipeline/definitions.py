@@ -97,17 +97,36 @@ evaluate = dg.define_asset_job(
     "(after build_benchmarks; trained models are used when train_a2bfr / train_roboface have run).",
 )
 
+# Importing this module takes ~8 s (torch, diffusers, transformers, dagster): a spawned step process paid it once
+# per step. A forkserver that imported it once forks each step in milliseconds (benchmarks/orchestration_overhead.py).
+FORKSERVER_PRELOAD = ["attrface_pipeline.definitions"]
+EXECUTORS = ("multiprocess", "spawn", "in_process", "k8s")
+
+
 def _executor() -> dg.ExecutorDefinition:
-    """Dagster's multiprocess executor; on Kubernetes (``ATTRFACE_EXECUTOR=k8s``, set by deploy/values.yaml) the
-    k8s_job_executor: one pod per step, GPU steps requesting their GPUs through their ``dagster-k8s/config`` tags."""
+    """``ATTRFACE_EXECUTOR`` picks it:
+
+    - ``multiprocess`` (default): Dagster's multiprocess executor, each step in its own process forked from a
+      forkserver that preloaded this code location (``start_method: forkserver``); run config can still choose
+      ``execution.config.start_method``.
+    - ``spawn``: the same with Dagster's default start method (a fresh interpreter per step).
+    - ``in_process``: every step in the run's own process (one machine, steps one after another; no start-up).
+    - ``k8s`` (set by deploy/values.yaml): the k8s_job_executor, one pod per step, GPU steps requesting their GPUs
+      through their ``dagster-k8s/config`` tags.
+    """
     kind = os.environ.get("ATTRFACE_EXECUTOR", "multiprocess")
     if kind == "k8s":
         from dagster_k8s import k8s_job_executor  # the [k8s] extra
 
         return guarded_executor(_preflight, base=k8s_job_executor)
+    if kind == "in_process":
+        return guarded_executor(_preflight, base=dg.in_process_executor)
+    if kind == "spawn":
+        return guarded_executor(_preflight)
     if kind != "multiprocess":
-        raise SystemExit(f"error: ATTRFACE_EXECUTOR={kind!r}: expected multiprocess or k8s")
-    return guarded_executor(_preflight)
+        raise SystemExit(f"error: ATTRFACE_EXECUTOR={kind!r}: expected one of {', '.join(EXECUTORS)}")
+    return guarded_executor(_preflight, defaults={
+        "start_method": {"forkserver": {"preload_modules": FORKSERVER_PRELOAD}}})
 
 
 defs = dg.Definitions(

@@ -135,12 +135,18 @@ class GuardedExecutor(dg.Executor):
 
 
 def guarded_executor(preflight: Callable[[object, list[str]], None] | None = None,
-                     base: dg.ExecutorDefinition | None = None) -> dg.ExecutorDefinition:
+                     base: dg.ExecutorDefinition | None = None,
+                     defaults: dict | None = None) -> dg.ExecutorDefinition:
     """``base`` (Dagster's multiprocess executor by default; ``dagster_k8s.k8s_job_executor`` on a cluster), with
-    its name and config schema, wrapped in :class:`GuardedExecutor`."""
+    its name and config schema, wrapped in :class:`GuardedExecutor`. ``defaults``: executor config used for keys
+    the run config leaves out (``execution.config`` still overrides each of them)."""
     base = base or dg.multiprocess_executor
 
     def create(init_context) -> dg.Executor:
+        if defaults:
+            init_context = dg.InitExecutorContext(
+                job=init_context.job, executor_def=init_context.executor_def, instance=init_context.instance,
+                executor_config={**defaults, **(init_context.executor_config or {})})
         return GuardedExecutor(base.executor_creation_fn(init_context), preflight)
 
     return dg.ExecutorDefinition(
