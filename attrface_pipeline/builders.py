@@ -99,7 +99,9 @@ def build_editor(cfg: PipelineConfig) -> FlowEditor:
     device = resolve_device(e.device)
     return FlowEditor.from_pretrained(
         ModelStore.from_config(cfg).resolve(cfg.models.sd3), device=device, dtype=resolve_dtype(e.dtype, device),
-        cpu_offload=e.cpu_offload, vae_slicing=e.vae_slicing, vae_tiling=e.vae_tiling, compile=e.compile,
+        cpu_offload=e.cpu_offload, vae_slicing=e.vae_slicing, vae_tiling=e.vae_tiling,
+        compile=(device.type == "cuda") if e.compile == "auto" else e.compile, quantize=e.quantize,
+        batch_size=e.batch_size,
     )
 
 

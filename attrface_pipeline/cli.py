@@ -228,6 +228,16 @@ def restore(
         raise typer.Exit(1)
 
 
+@app.command("bench-gpu", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                            "help_option_names": []})
+def bench_gpu(ctx: typer.Context) -> None:
+    """FlowEdit cost at the full profile's parameters: SD3.5 Large/Medium from their configs with random weights on
+    CUDA (eager, compiled, float8; batch 1/4/8), the tiny model on a CPU. Options: --help."""
+    from attrface_pipeline.bench_gpu import main
+
+    main(list(ctx.args), prog="attrface bench-gpu")
+
+
 @app.command("evaluate")
 def evaluate(
     pred: Path = typer.Option(..., "--pred", help="folder of restored faces (aligned crops)"),

@@ -203,7 +203,10 @@ class EditConfig(_Strict):
     cpu_offload: bool = Field(False, description="model CPU offload (small GPUs; slower)")
     vae_slicing: bool = False
     vae_tiling: bool = False
-    compile: bool = Field(False, description="torch.compile the transformer")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the transformer (auto: on CUDA); "
+                                            "batches are then padded to batch_size, so it compiles once")
+    quantize: Literal["none", "fp8"] = Field("none", description="fp8: float8 weights and activations, per row "
+                                             "(torchao, the gpu extra; compute capability >= 8.9, e.g. H100)")
     log_every: int = Field(16, ge=1, description="log progress every N pairs")
     lossless_master: bool = Field(False, description="also keep each edit as PNG (masters/); the published file "
                                   "(publish.image_format) is written either way, encoded once, where it is made")

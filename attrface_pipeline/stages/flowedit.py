@@ -159,14 +159,57 @@ class EditTiming:
     extra: dict = field(default_factory=dict)
 
 
+QUANTIZE_MODES = ("none", "fp8")
+
+
+def _pad_to(items: Sequence, n: int) -> list:
+    """``items`` repeated at the end up to length ``n``."""
+    return [*items, *[items[-1]] * (n - len(items))]
+
+
+def float8_problem(device: torch.device) -> str | None:
+    """Why float8 matmuls cannot run on ``device`` (None when they can): they need an NVIDIA GPU of compute
+    capability 8.9 or newer (Ada, Hopper, Blackwell) and torchao (the ``gpu`` extra)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"float8 needs an NVIDIA GPU of compute capability >= 8.9 (H100, L40S, RTX 4090); the device is {device}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return (f"float8 needs compute capability >= 8.9 (H100, L40S, RTX 4090); {torch.cuda.get_device_name(device)} "
+                f"has {major}.{minor}")
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        return "float8 needs torchao: pip install -e '.[gpu]'"
+    return None
+
+
+def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
+    """``mode`` "fp8": float8 weights and dynamic float8 activations, per row, on every linear layer (torchao);
+    "none": unchanged. Unsupported hardware is a clear error, never a silent fallback."""
+    if mode == "none":
+        return transformer
+    if mode != "fp8":
+        raise ValueError(f"edit.quantize={mode!r}: expected one of {QUANTIZE_MODES}")
+    if (problem := float8_problem(device)) is not None:
+        raise RuntimeError(f"edit.quantize: fp8 is not available: {problem}. Use edit.quantize: none.")
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    return transformer
+
+
 class FlowEditor:
-    """FlowEdit over a loaded ``StableDiffusion3Pipeline``: prompt embeddings cached, pairs batched."""
+    """FlowEdit over a loaded ``StableDiffusion3Pipeline``: prompt embeddings cached, pairs batched.
+
+    ``batch_size``: with a compiled transformer, every batch is padded to this many pairs (the padding's outputs
+    are dropped), so ``torch.compile`` sees one shape and compiles once."""
 
     def __init__(self, pipe, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 max_cached_prompts: int = 128):
+                 max_cached_prompts: int = 128, fixed_batch: int | None = None):
         self.pipe = pipe
         self.device = torch.device(device) if device is not None else pipe.device
         self.dtype = dtype or pipe.transformer.dtype
+        self.fixed_batch = fixed_batch
         # Bounded LRU: a run sees thousands of distinct captions, each ~2.7 MB of embeddings for SD3.5 on the GPU.
         self._embeds: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.max_cached_prompts = max_cached_prompts
@@ -175,11 +218,22 @@ class FlowEditor:
     @classmethod
     def from_pretrained(cls, path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                         cpu_offload: bool = False, vae_slicing: bool = False, vae_tiling: bool = False,
-                        compile: bool = False) -> FlowEditor:
+                        compile: bool = False, quantize: str = "none", batch_size: int | None = None) -> FlowEditor:
         """Load the SD3/SD3.5 pipeline once; memory options as in diffusers (offload needs CUDA)."""
         from diffusers import StableDiffusion3Pipeline
 
+        device = torch.device(device)
+        if quantize != "none" and (problem := float8_problem(device)) is not None:  # before loading 16 GB
+            raise RuntimeError(f"edit.quantize: {quantize} is not available: {problem}. Use edit.quantize: none.")
         pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+        return cls.from_pipeline(pipe, device, dtype, cpu_offload=cpu_offload, vae_slicing=vae_slicing,
+                                 vae_tiling=vae_tiling, compile=compile, quantize=quantize, batch_size=batch_size)
+
+    @classmethod
+    def from_pipeline(cls, pipe, device: torch.device | str, dtype: torch.dtype, cpu_offload: bool = False,
+                      vae_slicing: bool = False, vae_tiling: bool = False, compile: bool = False,
+                      quantize: str = "none", batch_size: int | None = None) -> FlowEditor:
+        """An editor over a built pipeline (loaded weights, or an architecture with random weights to time it)."""
         device = torch.device(device)
         if cpu_offload:
             pipe.enable_model_cpu_offload(device=device)
@@ -189,10 +243,11 @@ class FlowEditor:
             pipe.vae.enable_slicing()
         if vae_tiling:
             pipe.vae.enable_tiling()
+        pipe.transformer = quantize_transformer(pipe.transformer, quantize, device)
         if compile:
             pipe.transformer = torch.compile(pipe.transformer)
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, device, dtype)
+        return cls(pipe, device, dtype, fixed_batch=batch_size if compile else None)
 
     # -- text ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -210,6 +265,12 @@ class FlowEditor:
         while len(self._embeds) > self.max_cached_prompts:
             self._embeds.popitem(last=False)
         return self._embeds[key]
+
+    def prime_embedding(self, prompt: str, max_sequence_length: int, embeds: torch.Tensor,
+                        pooled: torch.Tensor) -> None:
+        """Use these embeddings for ``prompt`` (computed elsewhere, or random ones to time a bare transformer)."""
+        self._embeds[(prompt, max_sequence_length)] = (embeds.to(self.device, self.dtype),
+                                                      pooled.to(self.device, self.dtype))
 
     def _embed_batch(self, prompts: Sequence[str], msl: int) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [self.embed(p, msl) for p in prompts]
@@ -267,6 +328,13 @@ class FlowEditor:
         """Edit a batch of pairs. Maps are (B, h, w) at latent resolution, or None."""
         if not (len(images) == len(src_prompts) == len(tar_prompts) == len(seeds)):
             raise ValueError("images, prompts and seeds must have the same length")
+        real = len(images)
+        if self.fixed_batch and 0 < real < self.fixed_batch:  # one compiled shape: pad with the last pair
+            n = self.fixed_batch
+            images, src_prompts, tar_prompts, seeds = (_pad_to(x, n) for x in (images, src_prompts, tar_prompts,
+                                                                                seeds))
+            beta_maps, edit_masks = (None if m is None else np.asarray(_pad_to(list(m), n)) for m in (beta_maps,
+                                                                                                  edit_masks))
         timing = EditTiming()
         calls0 = self.transformer_calls
         t0 = time.perf_counter()
@@ -278,7 +346,7 @@ class FlowEditor:
         out = self.decode_latents(z)
         timing.encode_s, timing.edit_s, timing.decode_s = t1 - t0, t2 - t1, time.perf_counter() - t2
         timing.transformer_calls = self.transformer_calls - calls0
-        return out, timing
+        return out[:real], timing
 
 
 def flowedit(pipe, image: np.ndarray, src_prompt: str, tar_prompt: str, params: FlowEditParams,

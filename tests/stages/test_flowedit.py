@@ -194,3 +194,30 @@ def test_edits_are_encoded_once_in_the_published_format(editor, samples, tmp_pat
         master = read_rgb(store.path(r["master_path"]))
         assert master.shape == (SIZE, SIZE, 3)
         assert store.path(r["edit_path"]).read_bytes() == encode_image(master, "jpg", 95)
+
+
+def test_a_fixed_batch_pads_and_drops_the_padding(editor, faces):
+    """With a compiled transformer every call has the batch size it was compiled for: a short batch is padded
+    with its last pair, and the padding's outputs are dropped; the real pairs' edits do not change."""
+    alone, _ = editor.edit(faces[:2], [SRC] * 2, [TAR] * 2, P(), [3, 4])
+    editor.fixed_batch = 3
+    try:
+        calls = editor.transformer_calls
+        padded, timing = editor.edit(faces[:2], [SRC] * 2, [TAR] * 2, P(), [3, 4])
+    finally:
+        editor.fixed_batch = None
+    assert len(padded) == 2 and timing.transformer_calls == editor.transformer_calls - calls
+    for a, b in zip(alone, padded):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_fp8_without_float8_hardware_is_a_clear_error(editor):
+    from attrface_pipeline.stages.flowedit import float8_problem, quantize_transformer
+
+    cpu = torch.device("cpu")
+    assert "compute capability >= 8.9" in float8_problem(cpu)
+    with pytest.raises(RuntimeError, match="edit.quantize: fp8 is not available: float8 needs an NVIDIA GPU"):
+        quantize_transformer(editor.pipe.transformer, "fp8", cpu)
+    assert quantize_transformer(editor.pipe.transformer, "none", cpu) is editor.pipe.transformer
+    with pytest.raises(ValueError, match="expected one of"):
+        quantize_transformer(editor.pipe.transformer, "int4", cpu)

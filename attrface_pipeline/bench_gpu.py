@@ -1,0 +1,217 @@
+"""FlowEdit cost of the project's own ``FlowEditor`` at the full profile's parameters, for sizing a cluster before
+fetching weights (``attrface bench-gpu``, ``benchmarks/flowedit_gpu.py``).
+
+On CUDA it builds the published SD3.5 Large / Medium transformer and the SD3 VAE from their configs with random
+weights (cost does not depend on weight values; no download) and times eager, ``torch.compile`` and float8
+(torchao, per row, compiled) at each batch size: s/pair, transformer TFLOP/s, peak memory, GPU-hours per 10K pairs.
+Prompt embeddings are random tensors of the real shapes (CLIP 77 + T5 ``max_sequence_length`` tokens × 4096):
+the text encoders run once per caption in a build, not per evaluation. For float8 it also reports how far the
+edit moves from the bf16 edit of the same faces (SSIM of the luma; on random weights this is numerical drift only,
+identity needs real weights).
+
+On a CPU it runs the tiny random SD3 of the offline profile, and says so: those figures say nothing about SD3.5.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+# stabilityai/stable-diffusion-3.5-{large,medium} transformer/config.json and the SD3 VAE's vae/config.json.
+SD35 = {
+    "large": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                  pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm"),
+    "medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+                   dual_attention_layers=tuple(range(13))),
+}
+SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+               layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=1024,
+               scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+CLIP_TOKENS = 77
+SRC = "A close-up portrait photo of a young woman with black hair, smiling and without eyeglasses."
+TAR = "A close-up portrait photo of a young woman with black hair, smiling and wearing eyeglasses."
+
+
+@dataclass
+class Row:
+    model: str
+    mode: str  # eager | compiled | fp8
+    batch: int
+    max_sequence_length: int
+    s_per_pair: float | None
+    tflops: float | None  # transformer FLOP/s (the VAE's share is small and not counted)
+    peak_gib: float | None
+    gpu_hours_per_10k: float | None
+    note: str = ""
+
+
+def build_architecture(name: str, device: torch.device, dtype: torch.dtype):
+    """A ``StableDiffusion3Pipeline`` of the published architecture with random weights and no text encoders."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**SD35[name]).to(dtype)
+        vae = AutoencoderKL(**SD3_VAE).to(dtype)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                    tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+
+
+def _faces(resolution: int, count: int) -> list[np.ndarray]:
+    from attrface_pipeline.config import PROJECT_ROOT
+    from attrface_pipeline.images import read_rgb
+
+    photos = sorted((PROJECT_ROOT / "data" / "samples" / "faces" / "hq").glob("*.[jp][pn]g"))
+    return [cv2.resize(read_rgb(photos[i % len(photos)]), (resolution, resolution), interpolation=cv2.INTER_AREA)
+            for i in range(count)]
+
+
+def _editor(model: str, mode: str, device: torch.device, dtype: torch.dtype, batch: int, msl: int):
+    from attrface_pipeline.stages.flowedit import FlowEditor
+
+    compile_, quantize = mode in ("compiled", "fp8"), "fp8" if mode == "fp8" else "none"
+    if model == "tiny":
+        from attrface_pipeline.config import load_config
+        from attrface_pipeline.models.store import ModelStore
+
+        path = ModelStore.from_config(load_config()).resolve("tiny/sd3")
+        return FlowEditor.from_pretrained(path, device=device, dtype=dtype, compile=compile_, quantize=quantize,
+                                          batch_size=batch)
+    editor = FlowEditor.from_pipeline(build_architecture(model, device, dtype), device, dtype, compile=compile_,
+                                      quantize=quantize, batch_size=batch)
+    dim = SD35[model]["joint_attention_dim"]
+    gen = torch.Generator("cpu").manual_seed(0)
+    for prompt in (SRC, TAR, ""):
+        editor.prime_embedding(prompt, msl, torch.randn(1, CLIP_TOKENS + msl, dim, generator=gen),
+                               torch.randn(1, SD35[model]["pooled_projection_dim"], generator=gen))
+    return editor
+
+
+def _flops_per_call(editor, batch: int, resolution: int, msl: int) -> float:
+    """FLOPs of one transformer evaluation on ``batch`` latents (counted on the eager module)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module = getattr(editor.pipe.transformer, "_orig_mod", editor.pipe.transformer)
+    latent = resolution // editor.pipe.vae_scale_factor
+    channels = module.config.in_channels
+    x = torch.zeros(batch, channels, latent, latent, device=editor.device, dtype=editor.dtype)
+    embeds, pooled = editor._embed_batch([SRC] * batch, msl)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(hidden_states=x, timestep=torch.ones(batch, device=editor.device), encoder_hidden_states=embeds,
+               pooled_projections=pooled, return_dict=False)
+    return float(counter.get_total_flops())
+
+
+def measure(model: str, mode: str, batch: int, msl: int, *, device: torch.device, dtype: torch.dtype,
+            resolution: int, repeats: int, params, reference: dict | None = None) -> tuple[Row, list[np.ndarray]]:
+    from attrface_pipeline.stages.checks import ssim
+    from attrface_pipeline.stages.flowedit import float8_problem
+
+    if mode == "fp8" and (problem := float8_problem(device)) is not None:
+        return Row(model, mode, batch, msl, None, None, None, None, f"n/a: {problem}"), []
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    editor = _editor(model, mode, device, dtype, batch, msl)
+    params = type(params)(**{**asdict(params), "max_sequence_length": msl})
+    faces = _faces(resolution, batch)
+    seeds = list(range(batch))
+
+    times = []
+    for _ in range(1 + repeats):  # the first is a warm-up (and compiles when compiled)
+        t0 = time.perf_counter()
+        out, timing = editor.edit(faces, [SRC] * batch, [TAR] * batch, params, seeds)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    first, seconds = times[0], statistics.median(times[1:])
+    # each FlowEdit call evaluates 4 latents per pair (source and target, unconditional and conditional)
+    flops = _flops_per_call(editor, 4 * batch, resolution, msl) * timing.transformer_calls
+    note = f"first batch {first:.1f} s (compile)" if mode != "eager" else ""
+    if reference and (model, batch, msl) in reference:  # fp8 against the bf16 edit of the same faces and seeds
+        drift = [ssim(a, b) for a, b in zip(out, reference[(model, batch, msl)])]
+        note += f"; SSIM vs bf16 edit {min(drift):.4f} min / {statistics.mean(drift):.4f} mean"
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    s_pair = seconds / batch
+    row = Row(model, mode, batch, msl, round(s_pair, 4), float(f"{flops / seconds / 1e12:.3g}"),
+              peak and round(peak, 2), round(s_pair * 10_000 / 3600, 2), note.strip("; "))
+    return row, out
+
+
+def run_benchmark(models: list[str] | None = None, modes: list[str] | None = None, batches: list[int] | None = None,
+                  msls: list[int] | None = None, resolution: int = 512, repeats: int = 2, log=print) -> dict:
+    from attrface_pipeline.builders import flowedit_params
+    from attrface_pipeline.config import load_config
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    full = load_config(profile="full").edit
+    params = flowedit_params(full)
+    models = models or (["large", "medium"] if cuda else ["tiny"])
+    modes = modes or (["eager", "compiled", "fp8"] if cuda else ["eager", "fp8"])
+    batches = batches or ([1, 4, 8] if cuda else [1, 4])
+    msls = msls or [full.max_sequence_length]
+    if not cuda:
+        resolution = min(resolution, 128)
+        log(f"no CUDA device: the tiny random SD3 on CPU at {resolution}²; these figures say nothing about SD3.5")
+    log(f"FlowEdit, full profile: T={params.steps}, n_max={params.n_max}, n_avg={params.n_avg}: "
+        f"{params.sample_evaluations()} evaluations/pair; {device}, {dtype}")
+    rows, reference = [], {}
+    for model in models:
+        for msl in msls:
+            for mode in sorted(modes, key=lambda m: m == "fp8"):  # bf16 first: fp8 is compared with it
+                for batch in batches:
+                    row, out = measure(model, mode, batch, msl, device=device, dtype=dtype, resolution=resolution,
+                                       repeats=repeats, params=params,
+                                       reference=reference if mode == "fp8" else None)
+                    if mode == "compiled" or (mode == "eager" and (model, batch, msl) not in reference):
+                        reference[(model, batch, msl)] = out
+                    rows.append(row)
+                    log(json.dumps(asdict(row)))
+    return {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype),
+            "resolution": resolution, "evaluations_per_pair": params.sample_evaluations(),
+            "rows": [asdict(r) for r in rows]}
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['device']}, {result['dtype']}, {result['resolution']}², "
+             f"{result['evaluations_per_pair']} evaluations/pair",
+             "| model | mode | batch | T5 tokens | s/pair | TFLOP/s | peak GiB | GPU-h / 10K pairs | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        cells = [r["model"], r["mode"], r["batch"], r["max_sequence_length"], r["s_per_pair"], r["tflops"],
+                 r["peak_gib"], r["gpu_hours_per_10k"], r["note"]]
+        lines.append("| " + " | ".join("—" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="+", choices=["large", "medium", "tiny"])
+    ap.add_argument("--mode", nargs="+", choices=["eager", "compiled", "fp8"])
+    ap.add_argument("--batch", nargs="+", type=int)
+    ap.add_argument("--max-sequence-length", nargs="+", type=int, help="T5 tokens (default: the full profile's)")
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    result = run_benchmark(args.model, args.mode, args.batch, args.max_sequence_length, args.resolution,
+                           args.repeats)
+    print(table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
