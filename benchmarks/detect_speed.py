@@ -64,7 +64,8 @@ def main() -> None:
 
         pack = generate("insightface", Path(tmp) / "insightface")
         det = InsightFaceDetector(pack, det_size=640, min_score=0.97, max_side=args.max_side)
-        rows["insightface (tiny random SCRFD)"] = _time(det.detect, images, args.repeat)
+        where = "CUDA" if det.providers[0].startswith("CUDA") else "CPU"  # CUDA with the gpu extra's onnxruntime-gpu
+        rows[f"insightface (tiny random SCRFD, {where})"] = _time(det.detect, images, args.repeat)
 
     base = rows["dlib_hog (baseline)"]["seconds"]
     print(f"{'detector':34s} {'img/s':>7s} {'faces/s':>8s} {'s/img':>7s} {'time vs HOG':>12s}")

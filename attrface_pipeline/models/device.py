@@ -25,3 +25,13 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
         return _DTYPES[spec]
     except KeyError:
         raise ValueError(f"unknown dtype {spec!r}; choose auto or one of {sorted(_DTYPES)}") from None
+
+
+def onnx_providers() -> tuple[list[str], int]:
+    """onnxruntime execution providers for the insightface models, CUDA first when onnxruntime offers it (the
+    ``gpu`` extra's onnxruntime-gpu), and the ``ctx_id`` insightface's ``prepare`` wants with them (-1: CPU)."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], 0
+    return ["CPUExecutionProvider"], -1

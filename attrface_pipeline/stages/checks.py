@@ -114,8 +114,11 @@ class ArcFaceScorer:
         found = [p for g in self.RECOGNITION_GLOBS for p in sorted(pack.glob(g))]
         if not found:
             raise FileNotFoundError(f"no recognition model ({', '.join(self.RECOGNITION_GLOBS)}) in {pack}")
-        self.model = get_model(str(found[0]), providers=["CPUExecutionProvider"])
-        self.model.prepare(ctx_id=-1)
+        from attrface_pipeline.models.device import onnx_providers
+
+        providers, ctx_id = onnx_providers()
+        self.model = get_model(str(found[0]), providers=providers)
+        self.model.prepare(ctx_id=ctx_id)
         self.model_path = found[0]
 
     def embed(self, crops: Sequence[np.ndarray]) -> np.ndarray:

@@ -131,10 +131,13 @@ class InsightFaceDetector:
                 "unpack e.g. buffalo_l.zip there"
             )
         self.model_file = candidates[0]
-        self._model = get_model(str(self.model_file), providers=["CPUExecutionProvider"])
+        from attrface_pipeline.models.device import onnx_providers
+
+        self.providers, ctx_id = onnx_providers()
+        self._model = get_model(str(self.model_file), providers=self.providers)
         if self._model is None or not hasattr(self._model, "detect"):
             raise ValueError(f"{self.model_file} is not a face detector insightface recognises")
-        self._model.prepare(ctx_id=-1, input_size=(det_size, det_size), det_thresh=min_score)
+        self._model.prepare(ctx_id=ctx_id, input_size=(det_size, det_size), det_thresh=min_score)
         self.det_size, self.max_side, self.max_upscale = det_size, max_side, max_upscale
 
     def detect(self, image: np.ndarray) -> list[Face]:
