@@ -74,6 +74,9 @@ def raw_images(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> d
     if missing:
         context.log.warning(f"{len(missing)} registered source files are no longer listed (kept in their chunks, "
                             f"not re-chunked): {', '.join(m['source_path'] for m in missing[:5])}")
+    if (remote := remote_root(cfg.paths)) is not None:  # earlier chunks' keys come from their manifests, not hashing
+        for chunk in chunks:
+            remote.pull(f"raw_images/{chunk}")
     index = content_index(cfg, chunks)
     # In source order, so the index of earlier chunks' keys grows once over the run (an unknown partition sorts
     # first and fails at once in chunk_paths).
