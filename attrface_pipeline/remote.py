@@ -181,7 +181,6 @@ class RemoteRoot:
             atomic_write_bytes(self.local / f, self.fs.cat_file(self._remote(f)))
         return len(missing)
 
-
     def relative_or_same(self, path: str | Path) -> str | None:
         """A relative entry as is; a :class:`Path` relative to the working copy, or None when it lies outside."""
         if isinstance(path, str):
