@@ -1,8 +1,7 @@
 """Dagster asset for FlowEdit: face x target prompt -> edited image."""
 
-import resource
-
 import hashlib
+import resource
 
 import dagster as dg
 import torch
