@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import dagster as dg
 
-from attrface_pipeline.assets.run_guard import hold_run_lock
+from attrface_pipeline.assets.run_guard import exit_when_orphaned, hold_run_lock
 from attrface_pipeline.config import PipelineConfig, load_config
 
 
@@ -29,7 +29,11 @@ class AttrFaceConfig(dg.ConfigurableResource):
             yield self
             return
         with hold_run_lock(context.instance, context.run_id):
-            yield self
+            finished = exit_when_orphaned(context.instance, context.run_id)
+            try:
+                yield self
+            finally:
+                finished.set()
 
     def pipeline_config(self) -> PipelineConfig:
         return load_config(self.profile, self.config_files, self.settings or None)

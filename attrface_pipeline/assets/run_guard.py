@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,6 +53,33 @@ def hold_run_lock(instance: dg.DagsterInstance, run_id: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def exit_when_orphaned(instance: dg.DagsterInstance, run_id: str, poll_s: float = 1.0) -> threading.Event:
+    """In a step process: once the returned event is set (the step's work is over) and the run's orchestrator is
+    gone (``kill -9``), end this process. A forked step of a dead orchestrator would otherwise hang at exit on its
+    event queue, keeping itself and the forkserver alive; its work is already on disk and the next run resumes it.
+    No-op in the orchestrator itself (``in_process``) or without a lock file."""
+    finished = threading.Event()
+    folder = lock_dir(instance)
+    try:
+        pid = json.loads((folder / f"{run_id}.lock").read_text() or "{}").get("pid") if folder else None
+    except (OSError, ValueError):
+        pid = None
+    if not pid or pid == os.getpid():
+        return finished
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if finished.is_set():
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    os._exit(1)  # nobody is left to receive this step's events
+
+    threading.Thread(target=watch, name="attrface-orphan-watch", daemon=True).start()
+    return finished
 
 
 def _lock_host(path: Path) -> str | None:
