@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -69,7 +69,8 @@ def build_architecture(name: str, device: torch.device, dtype: torch.dtype):
                                     tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
 
 
-def _faces(resolution: int, count: int) -> list[np.ndarray]:
+def sample_faces(resolution: int, count: int) -> list[np.ndarray]:
+    """``count`` square faces at ``resolution``, cycled from the shipped HQ sample photos."""
     from attrface_pipeline.config import PROJECT_ROOT
     from attrface_pipeline.images import read_rgb
 
@@ -125,8 +126,8 @@ def measure(model: str, mode: str, batch: int, msl: int, *, device: torch.device
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     editor = _editor(model, mode, device, dtype, batch, msl)
-    params = type(params)(**{**asdict(params), "max_sequence_length": msl})
-    faces = _faces(resolution, batch)
+    params = replace(params, max_sequence_length=msl)
+    faces = sample_faces(resolution, batch)
     seeds = list(range(batch))
 
     times = []

@@ -16,16 +16,12 @@ import platform
 import time
 from pathlib import Path
 
-import cv2
 import torch
 
+from attrface_pipeline.bench_gpu import SRC, TAR, sample_faces
 from attrface_pipeline.builders import build_editor, flowedit_params
-from attrface_pipeline.config import PROJECT_ROOT, load_config
-from attrface_pipeline.images import read_rgb
+from attrface_pipeline.config import load_config
 from attrface_pipeline.stages.edits import pair_seed
-
-SRC = "A close-up portrait photo of a young woman with black hair, smiling and without eyeglasses."
-TAR = "A close-up portrait photo of a young woman with black hair, smiling and wearing eyeglasses."
 
 
 def main() -> None:
@@ -37,12 +33,10 @@ def main() -> None:
     # The pipeline's own builder, pinned to the tiny SD3 on CPU whatever $ATTRFACE_CONFIG says.
     cfg = load_config(overrides={"models": {"sd3": "tiny/sd3"}, "edit": {"device": "cpu"}})
     editor = build_editor(cfg)
-    photos = sorted((PROJECT_ROOT / "data" / "samples" / "faces" / "hq").glob("*.[jp][pn]g"))
     params = flowedit_params(cfg.edit)
     rows = []
     for size in (64, 128):
-        faces = [cv2.resize(read_rgb(photos[i % len(photos)]), (size, size), interpolation=cv2.INTER_AREA)
-                 for i in range(args.pairs)]
+        faces = sample_faces(size, args.pairs)
         editor.edit(faces[:1], [SRC], [TAR], params, [0])  # warm-up: allocator, prompt embeddings
         for batch in (1, 4):
             calls0, t0 = editor.transformer_calls, time.perf_counter()

@@ -183,15 +183,20 @@ def float8_problem(device: torch.device) -> str | None:
     return None
 
 
+def check_quantize(mode: str, device: torch.device) -> None:
+    """A clear error when ``edit.quantize`` names an unknown mode or one ``device`` cannot run."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"edit.quantize={mode!r}: expected one of {QUANTIZE_MODES}")
+    if mode == "fp8" and (problem := float8_problem(device)) is not None:
+        raise RuntimeError(f"edit.quantize: fp8 is not available: {problem}. Use edit.quantize: none.")
+
+
 def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
     """``mode`` "fp8": float8 weights and dynamic float8 activations, per row, on every linear layer (torchao);
     "none": unchanged. Unsupported hardware is a clear error, never a silent fallback."""
+    check_quantize(mode, device)
     if mode == "none":
         return transformer
-    if mode != "fp8":
-        raise ValueError(f"edit.quantize={mode!r}: expected one of {QUANTIZE_MODES}")
-    if (problem := float8_problem(device)) is not None:
-        raise RuntimeError(f"edit.quantize: fp8 is not available: {problem}. Use edit.quantize: none.")
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
@@ -223,8 +228,7 @@ class FlowEditor:
         from diffusers import StableDiffusion3Pipeline
 
         device = torch.device(device)
-        if quantize != "none" and (problem := float8_problem(device)) is not None:  # before loading 16 GB
-            raise RuntimeError(f"edit.quantize: {quantize} is not available: {problem}. Use edit.quantize: none.")
+        check_quantize(quantize, device)  # before loading 16 GB of weights
         pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
         return cls.from_pipeline(pipe, device, dtype, cpu_offload=cpu_offload, vae_slicing=vae_slicing,
                                  vae_tiling=vae_tiling, compile=compile, quantize=quantize, batch_size=batch_size)
