@@ -361,3 +361,66 @@ def build_eval_methods(cfg: PipelineConfig, weights: dict[str, str | None]):
 
         methods.append(Method(name, "model", model_id, prompted=True, load=load))
     return methods + external_methods(e.external)
+
+
+# -- restore weights ---------------------------------------------------------------------------------------------
+RELEASE_FILE = "default.safetensors"  # training.a2bfr.pipeline.RELEASE_WEIGHTS (kept import-free of torch here)
+
+
+def trained_runs(cfg: PipelineConfig, model: str) -> list:
+    """This instance's finished runs of ``model`` (their ``final`` folders), newest first."""
+    from pathlib import Path
+
+    if model == "a2bfr":
+        root = Path(cfg.a2bfr.output_dir or cfg.paths.data_root / "models" / "a2bfr")
+        finals = [p for p in root.glob("*/final") if (p / "pytorch_lora_weights.safetensors").is_file()]
+        if cfg.a2bfr.output_dir and (root / "final" / "pytorch_lora_weights.safetensors").is_file():
+            finals.append(root / "final")
+    elif model == "roboface":
+        root = Path(cfg.roboface.output_dir or cfg.paths.data_root / "models" / "roboface")
+        finals = [p for p in root.glob("stage2-*/final") if (p / "roboface.json").is_file()]
+    else:
+        raise ValueError(f"unknown model {model!r}; choose a2bfr or roboface")
+    return sorted(finals, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def resolve_restore_weights(cfg: PipelineConfig, model: str, spec: str | None):
+    """``attrface restore --weights``: ``release`` (A²BFR's default: the official release through the model store,
+    ``models.a2bfr_release``), ``latest`` (this instance's newest trained run; RoboFace's default) or a path.
+    Returns (path, what it is); :class:`ModelNotAvailableError` says how to get what is missing."""
+    from pathlib import Path
+
+    from attrface_pipeline.models.store import ModelNotAvailableError
+
+    spec = spec or ("release" if model == "a2bfr" else "latest")
+    runs = trained_runs(cfg, model)
+    train = {"a2bfr": "make train-a2bfr", "roboface": "make train-roboface"}[model]
+    local = (f"restore with a run trained here: --weights latest (newest: {runs[0]})" if runs else
+             f"no {model} run is trained here yet ({train} trains one)")
+    if spec == "latest":
+        if not runs:
+            raise ModelNotAvailableError(f"--weights latest: {local}; or pass --weights PATH")
+        return runs[0], f"latest trained run {runs[0]}"
+    if spec == "release":
+        if model != "a2bfr":
+            raise ModelNotAvailableError("RoboFace has no public weights release: pass --weights latest or the "
+                                         "trained folder <run>/stage2/final")
+        repo = cfg.models.a2bfr_release
+        store = ModelStore.from_config(cfg)
+        try:
+            folder = store.resolve(repo)
+        except ModelNotAvailableError as err:
+            offline = not store.allow_download or os.environ.get("HF_HUB_OFFLINE") == "1"
+            why = (f"is not in the model cache {store.hub_cache} and downloads are off" if offline else
+                   f"could not be downloaded ({err})")
+            raise ModelNotAvailableError(
+                f"the A²BFR release {repo} ({RELEASE_FILE}) {why}. Get it on a connected machine with `hf download "
+                f"{repo} {RELEASE_FILE} --cache-dir {store.hub_cache}` and copy that cache here, or set "
+                f"models.allow_download: true; it fits FLUX.1-dev (models.flux: black-forest-labs/FLUX.1-dev, "
+                f"licence accepted on the hub). Or {local}.") from None
+        return folder, f"official release {repo}"
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelNotAvailableError(f"--weights {spec}: no such file or folder (use release, latest or a path; "
+                                     f"{local})")
+    return path, str(path)

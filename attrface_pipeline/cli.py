@@ -163,69 +163,134 @@ def review(
         raise typer.Exit(2) from None
 
 
-if __name__ == "__main__":
-    app()
-
-
 # --model -> the module whose build_restorer(base, weights, **settings) gives a RestoreFn (imported when used).
 RESTORERS = {"a2bfr": "training.a2bfr.restore", "roboface": "training.roboface.restore"}
 # --model -> the models.* key of its default --base
 DEFAULT_BASES = {"a2bfr": "flux", "roboface": "sd2_controlnet"}
+# exit status of `attrface restore`: every input done | the run could not start or every input failed | usage or
+# config error | some inputs failed (their records say why)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 
 @app.command("restore")
 def restore(
-    src: Path = typer.Argument(..., help="a photo, an aligned face, or a folder of them"),
-    dst: Path = typer.Argument(..., help="output file (or folder, for a folder input)"),
+    input_path: Path = typer.Option(..., "-i", "--input", help="a photo, an aligned face, or a folder of them "
+                                    "(searched recursively)"),
+    output: Path = typer.Option(Path("results"), "-o", "--output", help="results folder: cropped_faces/, "
+                                "restored_faces/, restored_imgs/, cmp/, settings.json, restore_log.jsonl"),
     model: str = typer.Option("a2bfr", help=f"restorer: {', '.join(RESTORERS)}"),
-    weights: Path = typer.Option(..., help="trained weights: the A²BFR LoRA folder (ours) or release .safetensors; "
-                                 "RoboFace: the trained folder (<run>/stage2/final)"),
+    weights: Optional[str] = typer.Option(None, help="release (the official A²BFR release through the model "
+                                          "store: the a2bfr default) | latest (this instance's newest trained run: "
+                                          "the roboface default) | a path: an A²BFR LoRA folder or .safetensors, "
+                                          "a RoboFace <run>/stage2/final"),
     base: Optional[str] = typer.Option(None, help="base pipeline spec (default: the config's models.flux for a2bfr, "
                                        "models.sd2_controlnet for roboface)"),
+    has_aligned: bool = typer.Option(False, "--has-aligned", help="inputs are aligned faces: restored whole, no "
+                                     "detection (default: detected per image)"),
+    input_kind: str = typer.Option("auto", help="auto (aligned faces recognised by their landmarks) | aligned | "
+                                   "photo"),
+    only_center_face: bool = typer.Option(False, "--only-center-face", help="restore only the face nearest the "
+                                          "centre of each photo"),
+    upscale: float = typer.Option(1.0, help="enlarge the whole photo by this factor (faces pasted at that scale)"),
+    bg_upsampler: str = typer.Option("none", help="background when upscaling: none (plain Lanczos resize) | "
+                                     "bicubic"),
+    suffix: Optional[str] = typer.Option(None, help="appended to restored file names (name_SUFFIX.png)"),
+    ext: str = typer.Option("auto", help="restored_imgs/ format: auto (the input's) | png | jpg | webp"),
     prompt: Optional[str] = typer.Option(None, help="steer the restoration, e.g. 'a photo of a smiling face'"),
     steps: Optional[int] = typer.Option(None, help="denoising steps (A²BFR: 28, RoboFace: 50)"),
     guidance: Optional[float] = typer.Option(None, help="text guidance (A²BFR: 3.0, RoboFace: 7.5)"),
-    image_guidance: Optional[float] = typer.Option(None, help="condition guidance (A²BFR: 1.0 = off)"),
-    seed: int = typer.Option(0),
-    input_kind: str = typer.Option("auto", help="auto | aligned | photo"),
+    image_guidance: Optional[float] = typer.Option(None, help="A²BFR condition guidance (1.0 = off)"),
+    seed: int = typer.Option(0, help="every face is restored from this seed, as the official inference"),
+    device: str = typer.Option("auto", help="auto (cuda if present) | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | "
+                              "float16 (any device)"),
+    width: Optional[int] = typer.Option(None, help="A²BFR output width (multiple of 16; default: the LoRA's "
+                                        "training size, else 512)"),
+    height: Optional[int] = typer.Option(None, help="A²BFR output height (multiple of 16)"),
+    lora_scale: Optional[float] = typer.Option(None, help="A²BFR adapter scale on the condition tokens (default: "
+                                               "the LoRA's recorded scale; 1.0 for the release)"),
+    condition_latent: str = typer.Option("sample", help="A²BFR condition latent: sample (the official draw) | mean "
+                                         "(deterministic; not the official output)"),
+    condition_cache: bool = typer.Option(False, "--condition-cache", help="A²BFR: compute the condition once per "
+                                         "face (LoRAs trained with condition_attends: self)"),
+    batch_guidance: bool = typer.Option(False, "--batch-guidance", help="A²BFR: run the image-guidance pass in the "
+                                        "same call (faster on a GPU; bf16 rounds differently from the official)"),
+    batch_size: int = typer.Option(1, min=1, help="faces per model call (each keeps its own seeded noise)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="redo inputs already restored into this folder"),
     profile: Optional[str] = typer.Option(None),
-    config: Optional[list[str]] = typer.Option(None, "--config", help="YAML settings file(s)"),
+    config: Optional[list[str]] = typer.Option(None, "-c", "--config", help="YAML settings file(s)"),
 ) -> None:
-    """Restore faces with a trained model: photos are detected, aligned, restored face by face, pasted back."""
+    """Restore faces: photos are detected, aligned, restored face by face and pasted back; aligned faces are restored
+    whole. Outputs follow CodeFormer's layout; exit status 0 all done, 1 the run failed, 2 usage error, 3 some
+    inputs failed (see restore_log.jsonl)."""
     import importlib
 
-    from attrface_pipeline.builders import align_spec, build_detector
+    from attrface_pipeline.builders import align_spec, build_detector, resolve_restore_weights
     from attrface_pipeline.models.device import resolve_device, resolve_dtype
-    from attrface_pipeline.models.store import ModelStore
-    from training.restore_faces import expand_io, restore_paths
+    from attrface_pipeline.models.store import ModelNotAvailableError, ModelStore
+    from attrface_pipeline.storage import StorageError
+    from training.restore_faces import RestoreOptions, list_inputs, prepare_output_dir, restore_folder
+
+    def fail(message: str, code: int) -> None:
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(code)
 
     if model not in RESTORERS:
-        raise typer.BadParameter(f"unknown model {model!r}; choose from {sorted(RESTORERS)}")
+        fail(f"unknown model {model!r}; choose from {sorted(RESTORERS)}", EXIT_USAGE)
     cfg = _config_or_exit(profile, config)
     try:
-        inputs, outputs = expand_io(src, dst)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    from attrface_pipeline.models.store import ModelNotAvailableError
-
-    device = resolve_device("auto")
+        options = RestoreOptions(input_kind="aligned" if has_aligned else input_kind,
+                                 only_center_face=only_center_face, upscale=upscale, bg_upsampler=bg_upsampler,
+                                 suffix=suffix, ext=ext)
+        inputs = list_inputs(input_path, output)
+        run_device = resolve_device(device)
+        run_dtype = resolve_dtype(dtype, run_device)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        fail(str(e), EXIT_USAGE)
+    if not inputs:
+        fail(f"no images in {input_path} (suffixes: {', '.join(sorted(cfg.source.extensions))})", EXIT_USAGE)
     try:
+        prepare_output_dir(output)  # before any model loads
+    except (StorageError, NotADirectoryError) as e:
+        fail(str(e), EXIT_FAILED)
+    a2bfr_only = {"width": width, "height": height, "lora_scale": lora_scale, "batch_size": batch_size,
+                  "condition_latent": condition_latent, "condition_cache": condition_cache,
+                  "batch_guidance": batch_guidance}
+    if model != "a2bfr":
+        given = [k for k, v in a2bfr_only.items() if v not in (None, False, "sample", 1)]
+        if given:
+            fail(f"--{given[0].replace('_', '-')} is an A²BFR option; {model} does not take it", EXIT_USAGE)
+        a2bfr_only = {}
+    try:
+        weights_path, weights_about = resolve_restore_weights(cfg, model, weights)
+        base_spec = base or getattr(cfg.models, DEFAULT_BASES[model])
         restorer = importlib.import_module(RESTORERS[model]).build_restorer(
-            ModelStore.from_config(cfg).resolve(base or getattr(cfg.models, DEFAULT_BASES[model])), weights,
-            device=device, dtype=resolve_dtype("auto", device), prompt=prompt, steps=steps, guidance_scale=guidance,
-            image_guidance_scale=image_guidance, seed=seed)
-    except (FileNotFoundError, ModelNotAvailableError) as e:  # missing or wrong --weights / --base: say which
-        typer.echo(f"error: {model}: {e}", err=True)
-        raise typer.Exit(2) from None
-    records = restore_paths(inputs, outputs, restorer, detector=build_detector(cfg), align_spec=align_spec(cfg),
-                            input_kind=input_kind, log=lambda m: typer.echo(m, err=True))
-    failed = [r for r in records if r["error"]]
-    faces = sum(r["faces"] for r in records)
-    typer.echo(f"restored {faces} faces in {len(records) - len(failed)} images -> {dst}"
-               + (f"; {len(failed)} failed" if failed else ""))
-    if failed and len(failed) == len(records):
-        raise typer.Exit(1)
+            ModelStore.from_config(cfg).resolve(base_spec), weights_path, device=run_device, dtype=run_dtype,
+            prompt=prompt, steps=steps, guidance_scale=guidance, image_guidance_scale=image_guidance, seed=seed,
+            **a2bfr_only)
+    except (FileNotFoundError, ModelNotAvailableError, ValueError) as e:  # missing or wrong weights/base: say which
+        fail(f"{model}: {e}", EXIT_FAILED)
+    settings = {"model": model, "weights": str(weights_path), "weights_source": weights_about, "base": base_spec,
+                "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "seed": seed,
+                **(restorer.settings() if hasattr(restorer, "settings") else
+                   {"prompt": prompt, "steps": steps, "guidance": guidance}),
+                "detector": cfg.detect.backend, "align_size": cfg.align.size}
+    typer.echo(f"{model} from {weights_about} on {run_device} ({settings['dtype']}): {len(inputs)} input(s) -> "
+               f"{output}", err=True)
+    try:
+        summary = restore_folder(inputs, output, restorer, detector=build_detector(cfg), align_spec=align_spec(cfg),
+                                 settings=settings, options=options, overwrite=overwrite,
+                                 log=lambda m: typer.echo(m, err=True))
+    except (StorageError, ValueError) as e:
+        fail(str(e), EXIT_FAILED)
+    typer.echo(f"restored {summary['faces']} face(s) in {summary['restored']} image(s), skipped {summary['skipped']} "
+               f"already done, {summary['failed']} failed, in {summary['seconds']:.1f} s -> {output}")
+    for name, reason in summary["failures"][:10]:
+        typer.echo(f"  failed: {name}: {reason}")
+    if summary["failed"]:
+        if len(summary["failures"]) > 10:
+            typer.echo(f"  ... and {len(summary['failures']) - 10} more: {output / 'restore_log.jsonl'}")
+        raise typer.Exit(EXIT_FAILED if summary["failed"] == summary["inputs"] else EXIT_PARTIAL)
 
 
 @app.command("bench-gpu", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
@@ -277,3 +342,7 @@ def evaluate(
                                                  for m, c in cells.items()}})
     if all(c.value is None for c in cells.values()):
         raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

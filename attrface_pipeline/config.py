@@ -438,6 +438,8 @@ class ModelsConfig(_Strict):
     qwen3: str = "tiny/qwen3"
     farl: str = "tiny/farl"
     insightface_pack: str = "tiny/insightface"
+    a2bfr_release: str = Field("thetrigger/A2BFR", description="the official A²BFR LoRA (default.safetensors, for "
+                               "FLUX.1-dev): `attrface restore --model a2bfr` without --weights")
     allow_download: bool = Field(False, description="fetch hub ids into cache_dir (needs network + accepted licences)")
 
 

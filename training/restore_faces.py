@@ -1,27 +1,40 @@
 """Restore the faces of ordinary photos with any face restorer that works on aligned crops (A²BFR, RoboFace).
 
-A restorer is a :data:`RestoreFn`: aligned RGB uint8 crops (``align_spec.size`` squared, FFHQ template) in, restored
-crops of the same size out. :func:`restore_photo` makes it work on any photo, the way GFPGAN/CodeFormer's "whole
-image" mode does:
+A restorer is a :data:`RestoreFn`: aligned RGB uint8 crops in, restored crops of the same size out. A restorer may
+also offer ``restore_native(crops)`` (restored at its own output size, e.g. A²BFR's width x height: what the
+official inference returns) and ``settings()`` (what decides its output). :func:`restore_photo` makes it work on
+any photo, the way GFPGAN/CodeFormer's "whole image" mode does:
 
-- an already aligned face (``input_kind="aligned"``, or ``"auto"`` when :func:`looks_aligned` says so) is resized
-  to the crop size, restored, and resized back;
-- a photo: every face is detected (the project's detector), aligned with ``stages.align.align_face`` to the same
-  FFHQ template and size the dataset uses, all crops are restored in one call (one batch), and each is warped back
-  with the inverse of its alignment matrix and blended in under a soft mask (eroded, then Gaussian-feathered, so
-  the blend reaches zero inside the crop's footprint). Faces are pasted in left-to-right order; pixels outside
-  every footprint are returned bit-identical.
+- an already aligned face (``input_kind="aligned"``, or ``"auto"`` when :func:`looks_aligned` says so) is restored
+  whole: given as it is to ``restore_native`` where the restorer has it (A²BFR resizes it as the official code
+  does; any aspect ratio), else resized to the crop size;
+- a photo: every face is detected (the project's detector; ``only_center_face`` keeps the one nearest the centre),
+  aligned with ``stages.align.align_face`` to the same FFHQ template and size the dataset uses, all crops are
+  restored in one call, and each is warped back with the inverse of its alignment matrix and blended in under a
+  soft mask (eroded, then Gaussian-feathered, so the blend reaches zero inside the crop's footprint). Faces are
+  pasted in left-to-right order; with ``upscale`` 1 pixels outside every footprint are returned bit-identical.
 
-The background is not upsampled or restored (no Real-ESRGAN pass): only faces change.
+``upscale`` > 1 enlarges the whole photo first (``bg_upsampler``: ``none`` only resizes the background with
+Lanczos, as CodeFormer/GFPGAN do without an upsampler; ``bicubic`` resizes it bicubic) and pastes the faces at the
+enlarged scale. No learned background upsampler (Real-ESRGAN) is bundled.
+
+:func:`restore_folder` is ``attrface restore``: CodeFormer's output layout (``cropped_faces/``,
+``restored_faces/``, ``restored_imgs/``, ``cmp/``), the resolved settings in ``settings.json``, one JSON line per
+input in ``restore_log.jsonl`` written as the run goes, a re-run that skips finished inputs, and one bad file never
+stopping the others.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
+import json
 import math
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +51,7 @@ from attrface_pipeline.stages.ingest import QuarantineError, load_rgb
 from attrface_pipeline.storage import atomic_write_bytes
 
 RestoreFn = Callable[[list[np.ndarray]], list[np.ndarray]]  # aligned RGB uint8 crops (size x size) -> same size
+BG_UPSAMPLERS = {"none": cv2.INTER_LANCZOS4, "bicubic": cv2.INTER_CUBIC}
 TEMPLATE = "ffhq"  # the dataset's alignment (stages.faces aligns with align_face's default template)
 IMAGE_SUFFIXES = frozenset(SourceConfig.model_fields["extensions"].default_factory())
 _WRITE_FORMATS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
@@ -49,6 +63,8 @@ class FaceRestoreReport:
     aligned_input: bool
     boxes: list = field(default_factory=list)  # [x0, y0, x1, y1] per restored face, source pixels
     seconds: float = 0.0
+    crops: list = field(default_factory=list)  # the aligned LQ crops (the aligned input itself), RGB uint8
+    restored: list = field(default_factory=list)  # each restored face at the restorer's output size
 
 
 def _matches_template(faces: list[Face], shape: tuple[int, ...], tolerance: float) -> bool:
@@ -123,14 +139,56 @@ def _check_restored(restored: list[np.ndarray], crops: list[np.ndarray]) -> None
                              f"{getattr(r, 'dtype', type(r).__name__)} {getattr(r, 'shape', '')}")
 
 
+def _native(restore: RestoreFn, crops: list[np.ndarray]) -> list[np.ndarray]:
+    """The restorer's own output (``restore_native`` where it has one, else the same-size contract), checked."""
+    native = getattr(restore, "restore_native", None)
+    restored = native(crops) if native is not None else restore(crops)
+    if len(restored) != len(crops):
+        raise ValueError(f"the restore function returned {len(restored)} crops for {len(crops)}")
+    if native is None:
+        _check_restored(restored, crops)
+    for r in restored:
+        check_rgb(r)
+    return restored
+
+
+def center_face(faces: list[Face], shape: tuple[int, ...]) -> list[Face]:
+    """The face whose box centre lies nearest the image centre (facexlib's ``only_center_face``), or none."""
+    if not faces:
+        return []
+    h, w = shape[:2]
+
+    def distance(f: Face) -> float:
+        x0, y0, x1, y1 = f.bbox
+        return (0.5 * (x0 + x1) - w / 2) ** 2 + (0.5 * (y0 + y1) - h / 2) ** 2
+
+    return [min(faces, key=distance)]
+
+
+def upsample(rgb: np.ndarray, upscale: float, bg_upsampler: str = "none") -> np.ndarray:
+    """The photo at ``upscale`` times its size (``rgb`` itself at 1); see the module docstring for the choices."""
+    if bg_upsampler not in BG_UPSAMPLERS:
+        raise ValueError(f"bg_upsampler must be one of {sorted(BG_UPSAMPLERS)}, not {bg_upsampler!r}")
+    if upscale < 1:
+        raise ValueError(f"upscale must be >= 1, got {upscale}")
+    if upscale == 1:
+        return rgb
+    h, w = rgb.shape[:2]
+    return cv2.resize(rgb, (round(w * upscale), round(h * upscale)), interpolation=BG_UPSAMPLERS[bg_upsampler])
+
+
 def restore_photo(rgb: np.ndarray, restore: RestoreFn, *, detector: FaceDetector, align_spec: AlignSpec,
                   input_kind: Literal["auto", "aligned", "photo"] = "auto", min_face: int = 32,
                   min_score: float = 0.5, feather: float = 0.05, aligned_tolerance: float = 0.06,
+                  only_center_face: bool = False, upscale: float = 1, bg_upsampler: str = "none",
                   ) -> tuple[np.ndarray, FaceRestoreReport]:
-    """Restore every face of an RGB photo (or one aligned face); a photo without faces comes back unchanged.
+    """Restore every face of an RGB photo (or one aligned face); a photo without faces comes back unchanged
+    (enlarged by ``upscale``).
 
     ``min_face``: detections whose box is smaller (source pixels) are left alone; ``min_score``: detector
-    confidence below which a detection is ignored (dlib mmod score / insightface probability).
+    confidence below which a detection is ignored (dlib mmod score / insightface probability). The returned image
+    of an aligned input is the restored face at the input's size; the report holds the crops and the restorer's
+    own outputs.
     """
     check_rgb(rgb)
     if input_kind not in ("auto", "aligned", "photo"):
@@ -143,18 +201,20 @@ def restore_photo(rgb: np.ndarray, restore: RestoreFn, *, detector: FaceDetector
         faces = detector.detect(rgb)
         aligned = _matches_template(faces, rgb.shape, aligned_tolerance)
     if aligned:
-        if h != w:
+        if h != w and not hasattr(restore, "restore_native"):
             raise ValueError(f"an aligned face must be square, got {w}x{h}; use input_kind='photo' or 'auto'")
-        crop = _resize(rgb, align_spec.size, align_spec.size)
-        restored = restore([crop])
-        _check_restored(restored, [crop])
+        crop = rgb if hasattr(restore, "restore_native") else _resize(rgb, align_spec.size, align_spec.size)
+        restored = _native(restore, [crop])
         out = _resize(restored[0], w, h)
-        return out, FaceRestoreReport(1, True, [[0.0, 0.0, float(w), float(h)]], time.perf_counter() - t0)
+        return out, FaceRestoreReport(1, True, [[0.0, 0.0, float(w), float(h)]], time.perf_counter() - t0,
+                                      [crop], restored)
 
     if faces is None:
         faces = detector.detect(rgb)
-    kept = sorted((f for f in faces if f.size >= min_face and f.score >= min_score),
-                  key=lambda f: (f.bbox[0], f.bbox[1]))
+    kept = [f for f in faces if f.size >= min_face and f.score >= min_score]
+    if only_center_face:
+        kept = center_face(kept, rgb.shape)
+    kept.sort(key=lambda f: (f.bbox[0], f.bbox[1]))
     crops, matrices, boxes = [], [], []
     for face in kept:
         try:
@@ -164,14 +224,15 @@ def restore_photo(rgb: np.ndarray, restore: RestoreFn, *, detector: FaceDetector
         crops.append(crop)
         matrices.append(matrix)
         boxes.append([float(v) for v in face.bbox])
+    out = upsample(rgb, upscale, bg_upsampler)
     if not crops:
-        return rgb.copy(), FaceRestoreReport(0, False, [], time.perf_counter() - t0)
-    restored = restore(crops)
-    _check_restored(restored, crops)
-    out = rgb
-    for face_rgb, matrix in zip(restored, matrices):
-        out = paste_back(out, face_rgb, matrix, feather=feather)
-    return out, FaceRestoreReport(len(crops), False, boxes, time.perf_counter() - t0)
+        return out.copy(), FaceRestoreReport(0, False, [], time.perf_counter() - t0)
+    restored = _native(restore, crops)
+    for face_rgb, crop, matrix in zip(restored, crops, matrices):
+        scaled = np.asarray(matrix, np.float64).copy()
+        scaled[:, :2] /= upscale  # photo -> crop at the enlarged scale
+        out = paste_back(out, _resize(face_rgb, crop.shape[1], crop.shape[0]), scaled, feather=feather)
+    return out, FaceRestoreReport(len(crops), False, boxes, time.perf_counter() - t0, crops, restored)
 
 
 def output_format(path: Path) -> str:
@@ -196,68 +257,211 @@ def encode_for_path(rgb: np.ndarray, path: Path) -> bytes:
     return buf.getvalue()
 
 
-def restore_paths(inputs: list[Path], outputs: list[Path], restore: RestoreFn, *, detector: FaceDetector,
-                  align_spec: AlignSpec, input_kind: Literal["auto", "aligned", "photo"] = "auto",
-                  progress: bool = True, log: Callable[[str], None] = print, min_face: int = 32,
-                  max_pixels: int | None = None) -> list[dict]:
-    """Restore each input into its output (written atomically); unreadable inputs become error records.
+@dataclass
+class RestoreOptions:
+    """How :func:`restore_folder` treats each input (CodeFormer's / GFPGAN's flags)."""
 
-    Returns one record per input: path, out, faces, aligned_input, error ("" when written), seconds.
-    ``max_pixels`` bounds width*height before decoding (default: the pipeline's ingest bound).
-    """
-    from tqdm.auto import tqdm
+    input_kind: Literal["auto", "aligned", "photo"] = "auto"
+    only_center_face: bool = False
+    upscale: float = 1
+    bg_upsampler: str = "none"
+    suffix: str | None = None
+    ext: Literal["auto", "png", "jpg", "webp"] = "auto"  # restored_imgs/ format; auto: the input's where writable
+    min_face: int = 32
 
-    if len(inputs) != len(outputs):
-        raise ValueError(f"{len(inputs)} inputs but {len(outputs)} outputs")
-    max_pixels = max_pixels or IngestConfig().max_pixels
-    records = []
-    bar = tqdm(list(zip(inputs, outputs)), desc="restore", unit="img", disable=not progress, dynamic_ncols=True)
-    for src, dst in bar:
-        src, dst = Path(src), Path(dst)
-        record = {"path": str(src), "out": str(dst), "faces": 0, "aligned_input": False, "error": "", "seconds": 0.0}
-        records.append(record)
-        try:
-            output_format(dst)  # refuse an unwritable suffix before the work
-            rgb, _ = load_rgb(src, min_side=1, max_pixels=max_pixels)
-        except (QuarantineError, ValueError) as e:
-            record["error"] = f"unreadable: {e}" if isinstance(e, QuarantineError) else str(e)
-            log(f"restore: skipped {src}: {record['error']}")
-            continue
-        out, report = restore_photo(rgb, restore, detector=detector, align_spec=align_spec, input_kind=input_kind,
-                                    min_face=min_face)
-        if report.faces == 0:
-            log(f"restore: no face found in {src}; written unchanged")
-        atomic_write_bytes(dst, encode_for_path(out, dst))
-        record.update(faces=report.faces, aligned_input=report.aligned_input, seconds=round(report.seconds, 3))
-        bar.set_postfix(faces=sum(r["faces"] for r in records))
-    return records
+    def __post_init__(self):
+        if self.input_kind not in ("auto", "aligned", "photo"):
+            raise ValueError(f"input_kind must be auto, aligned or photo, not {self.input_kind!r}")
+        if self.ext not in ("auto", "png", "jpg", "webp"):
+            raise ValueError(f"ext must be auto, png, jpg or webp, not {self.ext!r}")
+        upsample(np.zeros((1, 1, 3), np.uint8), self.upscale, self.bg_upsampler)  # validates both
 
 
-def expand_io(src: Path, dst: Path) -> tuple[list[Path], list[Path]]:
-    """Input and output paths: a file to a file (or into an existing folder), or a folder to a folder.
+SETTINGS_FILE = "settings.json"
+LOG_FILE = "restore_log.jsonl"
+OUTPUT_DIRS = ("cropped_faces", "restored_faces", "restored_imgs", "cmp")
+MIN_FREE_BYTES = 64 << 20
 
-    Folder mode finds images recursively (the pipeline's source suffixes, hidden files skipped, and anything under
-    ``dst`` when it lies inside ``src``), keeps their relative paths, and creates the output folder.
-    """
-    src, dst = Path(src), Path(dst)
+
+def list_inputs(src: Path, out_dir: Path | None = None) -> list[tuple[Path, str]]:
+    """(image path, name relative to ``src``) for a file or a folder: images found recursively (the pipeline's
+    source suffixes; hidden files and anything under ``out_dir``, when it lies inside ``src``, skipped)."""
+    src = Path(src)
     if src.is_file():
-        if dst.is_dir():
-            dst = dst / src.name
-        if dst.resolve() == src.resolve():
-            raise ValueError(f"output {dst} is the input: write the restored image elsewhere")
-        return [src], [dst]
+        return [(src, src.name)]
     if not src.is_dir():
         raise FileNotFoundError(f"{src} does not exist")
-    if dst.exists() and not dst.is_dir():
-        raise NotADirectoryError(f"{src} is a folder, so the output must be one too; {dst} is a file")
-    if dst.resolve() == src.resolve():
-        raise ValueError(f"output folder {dst} is the input folder: write the restored images elsewhere")
-    dst_resolved = dst.resolve()
-    inputs = []
+    skip = Path(out_dir).resolve() if out_dir is not None else None
+    found = []
     for p in sorted(src.rglob("*")):
         rel = p.relative_to(src)
         if (p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in rel.parts)
-                and not p.resolve().is_relative_to(dst_resolved)):
-            inputs.append(p)
-    dst.mkdir(parents=True, exist_ok=True)
-    return inputs, [dst / p.relative_to(src) for p in inputs]
+                and not (skip is not None and p.resolve().is_relative_to(skip))):
+            found.append((p, rel.as_posix()))
+    return found
+
+
+def prepare_output_dir(out_dir: Path, *, min_free: int = MIN_FREE_BYTES) -> Path:
+    """Create ``out_dir`` and prove it writable with room to spare, before any model loads; a
+    :class:`~attrface_pipeline.storage.StorageError` naming the path otherwise."""
+    import errno
+    import shutil
+
+    from attrface_pipeline.storage import storage_error
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"output {out_dir} is a file: pass a folder (-o results/)")
+    probe = out_dir / f".write-test-{os.getpid()}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        free = shutil.disk_usage(out_dir).free
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        raise storage_error(out_dir, err) from None
+    if free < min_free:
+        raise storage_error(out_dir, OSError(errno.ENOSPC, f"{free >> 20} MiB free, {min_free >> 20} MiB needed"))
+    return out_dir
+
+
+def settings_fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_log(path: Path) -> dict[str, dict]:
+    """The last record per input name (a line cut by a crash is ignored)."""
+    records: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "name" in rec:
+                records[rec["name"]] = rec
+    return records
+
+
+def _check_settings(out_dir: Path, settings: dict, overwrite: bool) -> None:
+    from attrface_pipeline.storage import atomic_write_json
+
+    path = out_dir / SETTINGS_FILE
+    if path.is_file() and not overwrite:
+        try:
+            old = json.loads(path.read_text()).get("settings", {})
+        except (OSError, ValueError):
+            old = None
+        if old != json.loads(json.dumps(settings, default=str)):
+            changed = sorted(k for k in set(old or {}) | set(settings) if (old or {}).get(k) != settings.get(k))
+            raise ValueError(f"{out_dir} holds results made with other settings (changed: {', '.join(changed)}); "
+                             f"choose another output folder or pass --overwrite to redo everything there")
+    if overwrite:
+        (out_dir / LOG_FILE).unlink(missing_ok=True)
+    atomic_write_json(path, {"settings": settings, "fingerprint": settings_fingerprint(settings)})
+
+
+def _names(name: str, index: int, suffix: str | None) -> tuple[str, str, str]:
+    stem = Path(name).with_suffix("").as_posix()
+    tail = f"_{suffix}" if suffix else ""
+    face = f"{stem}_{index:02d}"
+    return f"cropped_faces/{face}.png", f"restored_faces/{face}{tail}.png", f"cmp/{face}.png"
+
+
+def _image_name(name: str, suffix: str | None, ext: str) -> str:
+    path = Path(name)
+    if ext == "auto":
+        ext = path.suffix.lower().lstrip(".")
+        ext = ext if ext in ("png", "jpg", "jpeg", "webp") else "png"
+    return (path.parent / f"{path.stem}{f'_{suffix}' if suffix else ''}.{ext}").as_posix()
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """``left`` (resized to ``right``'s height) | ``right``."""
+    h = right.shape[0]
+    if left.shape[0] != h:
+        left = _resize(left, max(1, round(left.shape[1] * h / left.shape[0])), h)
+    return np.concatenate([left, right], axis=1)
+
+
+def restore_one(src: Path, name: str, out_dir: Path, restore: RestoreFn, *, detector: FaceDetector,
+                align_spec: AlignSpec, options: RestoreOptions, max_pixels: int) -> dict:
+    """Restore one input into ``out_dir``'s layout; returns its record (raises on failure)."""
+    rgb, _ = load_rgb(src, min_side=1, max_pixels=max_pixels)
+    out, report = restore_photo(rgb, restore, detector=detector, align_spec=align_spec,
+                                input_kind=options.input_kind, min_face=options.min_face,
+                                only_center_face=options.only_center_face, upscale=options.upscale,
+                                bg_upsampler=options.bg_upsampler)
+    written = []
+
+    def write(rel: str, image: np.ndarray) -> None:
+        atomic_write_bytes(out_dir / rel, encode_for_path(image, out_dir / rel))
+        written.append(rel)
+
+    for i, (crop, face) in enumerate(zip(report.crops, report.restored)):
+        cropped, restored, cmp = _names(name, i, options.suffix)
+        write(cropped, crop)
+        write(restored, face)
+        write(cmp, side_by_side(crop, face))
+    if not report.aligned_input:  # a whole photo: the faces pasted back (unchanged when none was found)
+        write(f"restored_imgs/{_image_name(name, options.suffix, options.ext)}", out)
+    return {"faces": report.faces, "aligned_input": report.aligned_input, "outputs": written,
+            "reason": "" if report.faces else "no face found; the photo was written unchanged"}
+
+
+def restore_folder(inputs: list[tuple[Path, str]], out_dir: Path, restore: RestoreFn, *, detector: FaceDetector,
+                   align_spec: AlignSpec, settings: dict, options: RestoreOptions | None = None,
+                   overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = print,
+                   max_pixels: int | None = None) -> dict:
+    """Restore every input (``list_inputs``) into ``out_dir``; returns the run's summary.
+
+    ``settings`` (the model's and the run's, JSON-able) go to ``settings.json``; a folder holding results of other
+    settings is refused unless ``overwrite``. One record per input is appended to ``restore_log.jsonl`` as soon as
+    it is done: name, file, status (ok | failed), reason, faces, aligned_input, seconds, outputs. Inputs whose last
+    record is ok and whose outputs exist are skipped (``overwrite`` redoes them). A bad input (unreadable, too
+    small for the detector, a failed write) is a failed record; the run goes on.
+    """
+    from tqdm.auto import tqdm
+
+    options = options or RestoreOptions()
+    max_pixels = max_pixels or IngestConfig().max_pixels
+    out_dir = prepare_output_dir(out_dir)
+    _check_settings(out_dir, {**settings, "options": asdict(options)}, overwrite)
+    previous = {} if overwrite else _read_log(out_dir / LOG_FILE)
+    summary = {"inputs": len(inputs), "restored": 0, "skipped": 0, "failed": 0, "faces": 0, "failures": [],
+               "out_dir": str(out_dir)}
+    t_run = time.perf_counter()
+    bar = tqdm(inputs, desc="restore", unit="img", disable=not progress, dynamic_ncols=True)
+    with open(out_dir / LOG_FILE, "a") as log_file:
+        for src, name in bar:
+            done = previous.get(name)
+            if done and done.get("status") == "ok" and all((out_dir / o).is_file() for o in done.get("outputs", [])):
+                summary["skipped"] += 1
+                continue
+            t0 = time.perf_counter()
+            record = {"name": name, "file": str(src), "status": "ok", "reason": "", "faces": 0,
+                      "aligned_input": False, "outputs": []}
+            try:
+                record.update(restore_one(src, name, out_dir, restore, detector=detector, align_spec=align_spec,
+                                          options=options, max_pixels=max_pixels))
+            except QuarantineError as err:
+                record.update(status="failed", reason=f"unreadable: {err}")
+            except Exception as err:  # noqa: BLE001 - one bad input never stops the others; the record says why
+                record.update(status="failed", reason=f"{type(err).__name__}: {err}")
+            record["seconds"] = round(time.perf_counter() - t0, 3)
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            if record["status"] == "failed":
+                summary["failed"] += 1
+                summary["failures"].append((name, record["reason"]))
+                log(f"restore: {name} failed: {record['reason']}")
+            else:
+                summary["restored"] += 1
+                summary["faces"] += record["faces"]
+                if record["reason"]:
+                    log(f"restore: {name}: {record['reason']}")
+            bar.set_postfix(faces=summary["faces"], failed=summary["failed"])
+    summary["seconds"] = round(time.perf_counter() - t_run, 2)
+    return summary

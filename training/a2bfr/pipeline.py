@@ -33,6 +33,7 @@ guidance 1.0 (no unconditional pass), prompt "A photo of a human face". Any widt
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -126,6 +127,18 @@ def check_lora_file(path: str | Path, transformer: torch.nn.Module) -> dict[str,
                                 f"another base model than models.flux (FLUX.1-dev for the release)")
         ranks[module] = rank
     return ranks
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
 
 
 def device_generator(seed: int, device: str | torch.device) -> torch.Generator:
@@ -252,7 +265,8 @@ class A2BFRPipeline(FluxPipeline):
             except (OSError, ValueError) as err:
                 raise LoraFileError(f"{config_path}: unreadable A²BFR record ({err}); train or copy it again") from None
         name = adapter_name or config.get("adapter_name") or (OFFICIAL_ADAPTER if not config else "default")
-        self.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
+        with _quiet_diffusers():  # "no LoRA keys for CLIPTextModel": an A²BFR LoRA adapts the transformer only
+            self.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
         self.set_adapters(name)  # activates the adapter and resets every layer's scaling to alpha / rank ...
         scale = float(config.get("lora_scale", 1.0) if lora_scale is None else lora_scale)
         set_lora_scale(self.transformer, name, scale)  # ... so the condition stream's scale is set after it

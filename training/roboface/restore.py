@@ -51,6 +51,14 @@ class RoboFaceRestoreFn:
     seed: int = 0
     batch_size: int = 4
 
+    def settings(self) -> dict:
+        """Everything that decides the output, for the settings file written beside the results."""
+        model = self.restorer.model
+        return {"prompt": self.prompt, "steps": self.steps, "guidance": self.guidance, "seed": self.seed,
+                "batch_size": self.batch_size, "resolution": model.config.resolution,
+                "num_tokens": model.config.num_tokens, "dca_mode": model.config.dca.mode,
+                "captioner": type(self.restorer.captioner).__name__ if self.restorer.captioner else None}
+
     def __call__(self, crops: list[np.ndarray], prompts: list[str] | None = None) -> list[np.ndarray]:
         """Restore aligned crops; ``prompts`` (one per crop) replace the captions, as ``prompt`` does."""
         if prompts is not None and len(prompts) != len(crops):
