@@ -345,6 +345,13 @@ def _read_log(path: Path) -> dict[str, dict]:
     return records
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _check_settings(out_dir: Path, settings: dict, overwrite: bool) -> None:
     from attrface_pipeline.storage import atomic_write_json
 
@@ -355,7 +362,8 @@ def _check_settings(out_dir: Path, settings: dict, overwrite: bool) -> None:
         except (OSError, ValueError):
             old = None
         if old != json.loads(json.dumps(settings, default=str)):
-            changed = sorted(k for k in set(old or {}) | set(settings) if (old or {}).get(k) != settings.get(k))
+            before, now = _flat(old or {}), _flat(json.loads(json.dumps(settings, default=str)))
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             raise ValueError(f"{out_dir} holds results made with other settings (changed: {', '.join(changed)}); "
                              f"choose another output folder or pass --overwrite to redo everything there")
     if overwrite:

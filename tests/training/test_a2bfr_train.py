@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -134,7 +133,9 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path, training_zoo, two
     assert group1["d_numerator"] != group0["d_numerator"]
 
 
-def test_restore_cli_on_a_real_photo_with_the_trained_lora(tmp_path, training_zoo, two_pairs):
+def test_restore_cli_layout_flags_and_exit_status_on_real_photos(tmp_path, training_zoo, two_pairs):
+    import json
+
     from typer.testing import CliRunner
 
     from attrface_pipeline.cli import app
@@ -142,23 +143,51 @@ def test_restore_cli_on_a_real_photo_with_the_trained_lora(tmp_path, training_zo
     cfg = _config(tmp_path, training_zoo, two_pairs, max_steps=2, checkpoint_every=2)
     cfg.samples.faces = 0
     result, _ = train(cfg, log=lambda m: None)
-    photo = PROJECT_ROOT / "data" / "samples" / "faces" / "whole" / "02.png"  # 4 faces
-    lq_dir = tmp_path / "lq"  # three real LQ photos (dlib detection is the slow part)
-    lq_dir.mkdir()
-    for src in sorted((PROJECT_ROOT / "data" / "samples" / "lq_real").glob("*.png"))[:3]:
-        (lq_dir / src.name).write_bytes(src.read_bytes())
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "group.png").write_bytes((PROJECT_ROOT / "data/samples/faces/whole/02.png").read_bytes())  # 4 faces
+    (photos / "lq.png").write_bytes((PROJECT_ROOT / "data/samples/lq_real/0240.png").read_bytes())  # aligned
+    (photos / "bad.jpg").write_bytes(b"not an image")
     runner = CliRunner()
-    for src, dst in ((photo, tmp_path / "out.png"), (lq_dir, tmp_path / "restored")):
-        out = runner.invoke(app, ["restore", str(src), str(dst), "--model", "a2bfr", "--weights",
-                                  str(result.final_dir), "--base", str(training_zoo / "flux"), "--steps", "2",
-                                  "--prompt", "a photo of a smiling face"])
-        assert out.exit_code == 0, out.output
-    missing = runner.invoke(app, ["restore", str(photo), str(tmp_path / "x.png"), "--model", "a2bfr", "--weights",
+    common = ["--weights", str(result.final_dir), "--base", str(training_zoo / "flux"), "--steps", "2"]
+    out = runner.invoke(app, ["restore", "-i", str(photos), "-o", str(tmp_path / "res"), *common, "--upscale", "2",
+                              "--only-center-face", "--suffix", "x", "--dtype", "bfloat16", "--seed", "3"])
+    assert out.exit_code == 3, out.output  # some inputs failed: exit 3, the others are done
+    assert "restored 2 face(s) in 2 image(s)" in out.output and "failed: bad.jpg" in out.output
+    res = tmp_path / "res"
+    files = sorted(p.relative_to(res).as_posix() for p in res.rglob("*.png"))
+    assert files == ["cmp/group_00.png", "cmp/lq_00.png", "cropped_faces/group_00.png", "cropped_faces/lq_00.png",
+                     "restored_faces/group_00_x.png", "restored_faces/lq_00_x.png", "restored_imgs/group_x.png"]
+    group, restored = read_rgb(photos / "group.png"), read_rgb(res / "restored_imgs/group_x.png")
+    assert restored.shape == (2 * group.shape[0], 2 * group.shape[1], 3)
+    assert read_rgb(res / "restored_faces/lq_00_x.png").shape == (64, 64, 3)  # the LoRA's training size
+    settings = json.loads((res / "settings.json").read_text())["settings"]
+    assert settings["dtype"] == "bfloat16" and settings["seed"] == 3 and settings["official_path"]
+    assert settings["lora_scale"] == 1.0 and settings["options"]["only_center_face"]
+    log = [json.loads(line) for line in (res / "restore_log.jsonl").read_text().splitlines()]
+    assert {r["name"]: r["status"] for r in log} == {"bad.jpg": "failed", "group.png": "ok", "lq.png": "ok"}
+    again = runner.invoke(app, ["restore", "-i", str(photos), "-o", str(res), *common, "--upscale", "2",
+                                "--only-center-face", "--suffix", "x", "--dtype", "bfloat16", "--seed", "3"])
+    assert again.exit_code == 3 and "skipped 2 already done" in again.output
+    # one aligned face, non-square, with the official resize: any multiple of 16
+    one = runner.invoke(app, ["restore", "-i", str(photos / "lq.png"), "-o", str(tmp_path / "one"), *common,
+                              "--has-aligned", "--width", "48", "--height", "64"])
+    assert one.exit_code == 0, one.output
+    assert read_rgb(tmp_path / "one/restored_faces/lq_00.png").shape == (64, 48, 3)
+    missing = runner.invoke(app, ["restore", "-i", str(photos), "-o", str(tmp_path / "x"), "--weights",
                                   str(tmp_path / "nowhere"), "--base", str(training_zoo / "flux")])
-    assert missing.exit_code == 2 and "no A²BFR LoRA at" in missing.output
-    restored = read_rgb(tmp_path / "out.png")
-    original = read_rgb(photo)
-    assert restored.shape == original.shape and not np.array_equal(restored, original)
-    assert "faces" in out.output
-    written = sorted(p.name for p in (tmp_path / "restored").iterdir())
-    assert written == sorted(p.name for p in lq_dir.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    assert missing.exit_code == 1 and "no such file or folder" in missing.output
+    latest = runner.invoke(app, ["restore", "-i", str(photos), "-o", str(tmp_path / "y"), "--weights", "latest",
+                                 "--base", str(training_zoo / "flux"), "-c", str(_instance_yaml(tmp_path))])
+    assert latest.exit_code == 1 and "no a2bfr run is trained here yet" in latest.output
+    release = runner.invoke(app, ["restore", "-i", str(photos), "-o", str(tmp_path / "z"), "--base",
+                                  str(training_zoo / "flux"), "-c", str(_instance_yaml(tmp_path))])
+    assert release.exit_code == 1 and "hf download thetrigger/A2BFR default.safetensors" in release.output
+
+
+def _instance_yaml(tmp_path):
+    """A config whose data root holds no trained run and whose cache holds no release."""
+    path = tmp_path / "instance.yaml"
+    path.write_text(f"paths:\n  data_root: {tmp_path / 'empty_root'}\n  cache_dir: {tmp_path / 'empty_cache'}\n")
+    return path
+

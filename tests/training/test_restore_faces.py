@@ -1,8 +1,8 @@
 """training.restore_faces on real photos with the project's dlib detector: paste-back, auto mode, batch over files."""
 
 import hashlib
+import json
 import shutil
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,7 +13,8 @@ from attrface_pipeline.config import PROJECT_ROOT, PipelineConfig
 from attrface_pipeline.images import encode_image, read_rgb
 from attrface_pipeline.stages.align import align_face
 from attrface_pipeline.stages.ingest import load_rgb
-from training.restore_faces import expand_io, looks_aligned, paste_back, restore_paths, restore_photo
+from training.restore_faces import (RestoreOptions, center_face, list_inputs, looks_aligned, paste_back,
+                                   restore_folder, restore_photo)
 
 GROUP_PHOTO = PROJECT_ROOT / "data/samples/faces/whole/02.png"  # 4 faces, RGBA
 PORTRAIT = PROJECT_ROOT / "data/samples/faces/hq/obama.jpg"
@@ -146,41 +147,87 @@ def test_photo_without_faces_comes_back_unchanged(detector, cfg):
     assert report.faces == 0 and np.array_equal(out, noise)
 
 
-def test_restore_paths_over_a_folder(tmp_path, detector, cfg):
-    src, dst = tmp_path / "in", tmp_path / "out"
+def test_only_center_face_and_upscale(group, detector, cfg):
+    rgb, faces = group
+    h, w = rgb.shape[:2]
+    nearest = min(faces, key=lambda f: np.hypot((f.bbox[0] + f.bbox[2]) / 2 - w / 2,
+                                                (f.bbox[1] + f.bbox[3]) / 2 - h / 2))
+    assert center_face(faces, rgb.shape) == [nearest] and center_face([], rgb.shape) == []
+    out, report = restore_photo(rgb, flat, detector=detector, align_spec=align_spec(cfg), input_kind="photo",
+                                only_center_face=True, upscale=2)
+    assert report.faces == 1 and report.boxes == [[float(v) for v in nearest.bbox]]
+    assert out.shape == (2 * h, 2 * w, 3)
+    cx, cy = (2 * nearest.landmarks5[2]).round().astype(int)  # the face lands at twice its coordinates
+    assert tuple(out[cy, cx]) == MAGENTA
+    others = [f for f in faces if f is not nearest]
+    for f in others:  # left alone: only resized
+        ox, oy = (2 * f.landmarks5[2]).round().astype(int)
+        assert tuple(out[oy, ox]) != MAGENTA
+    with pytest.raises(ValueError, match="bg_upsampler"):
+        restore_photo(rgb, flat, detector=detector, align_spec=align_spec(cfg), bg_upsampler="realesrgan")
+
+
+class NativeFlat:
+    """A restorer with its own output size (as A²BFR: restore_native at width x height), here 64 x 48."""
+
+    def restore_native(self, crops):
+        return [np.full((64, 48, 3), MAGENTA, np.uint8) for _ in crops]
+
+    def __call__(self, crops):
+        return flat(crops)
+
+
+def test_restore_folder_layout_records_and_resume(tmp_path, detector, cfg):
+    src, out = tmp_path / "in", tmp_path / "out"
     (src / "sub").mkdir(parents=True)
     aligned = cv2.resize(read_rgb(ALIGNED), (256, 256), interpolation=cv2.INTER_AREA)
     (src / "sub" / "face.png").write_bytes(encode_image(aligned, "png"))
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    (src / "tiny.png").write_bytes(encode_image(np.full((1, 1, 3), 90, np.uint8), "png"))  # too small to detect in
     blank = np.full((200, 300, 3), 90, np.uint8)
     (src / "blank.png").write_bytes(encode_image(blank, "png"))
+    shutil.copy(GROUP_PHOTO, src / "group.png")
     (src / "notes.txt").write_text("not an image")
-    inputs, outputs = expand_io(src, dst)
-    assert [p.relative_to(src).as_posix() for p in inputs] == ["blank.png", "broken.jpg", "sub/face.png"]
-    assert outputs == [dst / "blank.png", dst / "broken.jpg", dst / "sub" / "face.png"]
+    inputs = list_inputs(src, out)
+    assert [name for _, name in inputs] == ["blank.png", "broken.jpg", "group.png", "sub/face.png", "tiny.png"]
     messages = []
-    records = restore_paths(inputs, outputs, flat, detector=detector, align_spec=align_spec(cfg), progress=False,
-                            log=messages.append)
-    by_name = {Path(r["path"]).name: r for r in records}
-    assert by_name["broken.jpg"]["error"].startswith("unreadable: ") and not (dst / "broken.jpg").exists()
-    assert by_name["blank.png"]["error"] == "" and by_name["blank.png"]["faces"] == 0
-    assert np.array_equal(read_rgb(dst / "blank.png"), blank)  # no face: written unchanged
-    assert by_name["face.png"]["aligned_input"] and by_name["face.png"]["faces"] == 1
-    assert (read_rgb(dst / "sub" / "face.png") == MAGENTA).all()
+    run = dict(detector=detector, align_spec=align_spec(cfg), settings={"model": "flat"}, progress=False,
+               log=messages.append)
+    summary = restore_folder(inputs, out, NativeFlat(), options=RestoreOptions(suffix="v1"), **run)
+    assert (summary["restored"], summary["failed"], summary["faces"]) == (3, 2, 5)
+    failed = dict(summary["failures"])
+    assert failed["broken.jpg"].startswith("unreadable: ") and "tiny.png" in failed
+    records = {r["name"]: r for r in map(json.loads, (out / "restore_log.jsonl").read_text().splitlines())}
+    assert records["group.png"]["faces"] == 4 and records["group.png"]["status"] == "ok"
+    assert records["sub/face.png"]["aligned_input"] and records["tiny.png"]["status"] == "failed"
+    assert all("seconds" in r for r in records.values())
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert "restored_imgs/group_v1.png" in files and "restored_imgs/blank_v1.png" in files
+    assert "restored_faces/sub/face_00_v1.png" in files and not any("restored_imgs/sub" in f for f in files)
+    assert [f for f in files if f.startswith("restored_faces/group")] == [
+        f"restored_faces/group_{i:02d}_v1.png" for i in range(4)]
+    assert read_rgb(out / "restored_faces/group_00_v1.png").shape == (64, 48, 3)  # the restorer's own size
+    assert read_rgb(out / "cropped_faces/group_00.png").shape == (512, 512, 3)
+    assert read_rgb(out / "cmp/group_00.png").shape[0] == 64
+    assert np.array_equal(read_rgb(out / "restored_imgs/blank_v1.png"), blank)  # no face: written unchanged
     assert any("no face found" in m for m in messages) and any("broken.jpg" in m for m in messages)
-    assert not list(dst.rglob(".*"))  # no temp files left behind
+    assert json.loads((out / "settings.json").read_text())["settings"]["options"]["suffix"] == "v1"
+    assert not list(out.rglob(".*"))  # no temp files left behind
+    # a re-run skips what is done and retries what failed; other settings are refused; --overwrite redoes all
+    again = restore_folder(inputs, out, NativeFlat(), options=RestoreOptions(suffix="v1"), **run)
+    assert (again["skipped"], again["restored"], again["failed"]) == (3, 0, 2)
+    with pytest.raises(ValueError, match="other settings.*suffix"):
+        restore_folder(inputs, out, NativeFlat(), options=RestoreOptions(suffix="v2"), **run)
+    redo = restore_folder(inputs, out, NativeFlat(), options=RestoreOptions(suffix="v2"), overwrite=True, **run)
+    assert (redo["skipped"], redo["restored"]) == (0, 3)
 
 
-def test_expand_io_file_and_folder_rules(tmp_path):
+def test_list_inputs_rules(tmp_path):
     photo = tmp_path / "a.png"
     shutil.copy(ALIGNED, photo)
-    assert expand_io(photo, tmp_path / "b.jpg") == ([photo], [tmp_path / "b.jpg"])
+    assert list_inputs(photo) == [(photo, "a.png")]
     (tmp_path / "outdir").mkdir()
-    assert expand_io(photo, tmp_path / "outdir") == ([photo], [tmp_path / "outdir" / "a.png"])
-    with pytest.raises(ValueError, match="is the input"):
-        expand_io(photo, photo)
     (tmp_path / "outdir" / "old.png").write_bytes(b"")
-    inputs, _ = expand_io(tmp_path, tmp_path / "outdir")  # outputs inside the input folder are not inputs
-    assert inputs == [photo]
+    assert list_inputs(tmp_path, tmp_path / "outdir") == [(photo, "a.png")]  # outputs inside the input: skipped
     with pytest.raises(FileNotFoundError):
-        expand_io(tmp_path / "missing", tmp_path / "x")
+        list_inputs(tmp_path / "missing")

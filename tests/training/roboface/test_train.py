@@ -161,17 +161,23 @@ def test_restore_cli_on_a_real_photo_and_lq_faces(tmp_path, sd2_base, shard_dir)
     photo = PROJECT_ROOT / "data" / "samples" / "faces" / "whole" / "02.png"
     lq = PROJECT_ROOT / "data" / "samples" / "lq_real" / "0240.png"
     runner = CliRunner()
-    for src, dst, prompt, faces in ((photo, tmp_path / "out.png", [], 4),
-                                    (lq, tmp_path / "lq.png", ["--prompt", "an old man"], 1)):
-        out = runner.invoke(app, ["restore", str(src), str(dst), "--model", "roboface", "--weights",
+    for src, dst, prompt, faces in ((photo, tmp_path / "out", [], 4),
+                                    (lq, tmp_path / "lq", ["--prompt", "an old man"], 1)):
+        out = runner.invoke(app, ["restore", "-i", str(src), "-o", str(dst), "--model", "roboface", "--weights",
                                   str(results["stage2"].final_dir), "--base", str(sd2_base), "--steps", "2", *prompt])
         assert out.exit_code == 0, out.output
-        assert f"restored {faces} faces in 1 images" in out.output
-        restored, original = read_rgb(dst), read_rgb(src)
-        assert restored.shape == original.shape and not np.array_equal(restored, original)
-    bad = runner.invoke(app, ["restore", str(lq), str(tmp_path / "x.png"), "--model", "roboface", "--weights",
-                              str(results["stage2"].final_dir.parent / "missing"), "--base", str(sd2_base)])
-    assert bad.exit_code != 0
+        assert f"restored {faces} face(s) in 1 image(s)" in out.output
+        faces_out = sorted((dst / "restored_faces").glob("*.png"))
+        assert len(faces_out) == faces
+    restored, original = read_rgb(tmp_path / "out" / "restored_imgs" / photo.name), read_rgb(photo)
+    assert restored.shape == original.shape and not np.array_equal(restored, original)
+    bad = runner.invoke(app, ["restore", "-i", str(lq), "-o", str(tmp_path / "x"), "--model", "roboface",
+                              "--weights", str(results["stage2"].final_dir.parent / "missing"),
+                              "--base", str(sd2_base)])
+    assert bad.exit_code == 1 and "no such file or folder" in bad.output
+    option = runner.invoke(app, ["restore", "-i", str(lq), "-o", str(tmp_path / "x"), "--model", "roboface",
+                                 "--weights", str(results["stage2"].final_dir), "--condition-latent", "mean"])
+    assert option.exit_code == 2 and "A²BFR option" in option.output
 
 
 def test_run_folders_follow_what_each_stage_depends_on(tmp_path, shard_dir, captions_file):
