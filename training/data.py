@@ -12,6 +12,13 @@ with the sample. Images are float CHW in [-1, 1] (the diffusers convention). Bat
 
 attr_probs_tar is the source's vector with the flipped attribute set to 1.0 (add) or 0.0 (remove); see pair_sample.
 
+Bad samples: ``bad_samples="skip"`` (default, webdataset's ``warn_and_continue`` convention) drops a sample that
+cannot be read (a corrupt image, invalid JSON, a missing member) and the rest of a shard that is cut short or not a
+tar at all, and records each event ({shard, key, reason}); the records ride with the next good sample to the
+trainer, so they cross DataLoader workers, and ``collate`` puts them in ``batch["bad_samples"]``. The engine counts
+them per shard, logs them, keeps the counts in every checkpoint and the loss log, and stops past
+``TrainSettings.max_bad_fraction``. ``bad_samples="raise"`` stops at the first, naming the shard and the key.
+
 Multi-process: shards are split by node (``wds.split_by_node``: env RANK/WORLD_SIZE or torch.distributed) and then
 by DataLoader worker (``wds.split_by_worker``), so without resampling every sample is read once per epoch as long as
 there are at least nodes x workers shards. ``resampled=True`` draws shards with replacement (infinite) and cuts each
@@ -20,6 +27,7 @@ worker's stream to its share of ``epoch_samples`` (``with_epoch``), for multi-GP
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -58,8 +66,16 @@ class ImagesNotFoundError(FileNotFoundError):
     """Folder mode: the HQ image folder is missing or holds no images."""
 
 
-class ShardFormatError(ValueError):
+class BadSampleError(ValueError):
+    """A sample or a shard could not be read (``bad_samples="raise"``); the message names the shard and the key."""
+
+
+class ShardFormatError(BadSampleError):
     """A sample lacks a member (or a json field) that the configured mode needs."""
+
+
+BAD_KEY = "__bad__"  # a sample's field carrying the bad-sample records met before it in its worker
+RECORD_ONLY = "__record_only__"  # an item that carries only records (a worker's stream ended on bad samples)
 
 
 class LoaderConfig(BaseModel):
@@ -85,6 +101,7 @@ class LoaderConfig(BaseModel):
     shuffle_buffer: int = Field(default=1000, ge=0)  # 0: shards and samples in stored order
     drop_last: bool = False
     pin_memory: bool = False
+    bad_samples: Literal["skip", "raise"] = "skip"  # skip: drop, count and log unreadable samples; raise: stop
 
     @field_validator("shards", "images", "presets_file", mode="before")
     @classmethod
@@ -142,6 +159,28 @@ def resolve_shards(shards: str | Sequence[str], *, split: str = "train") -> list
         head = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise ShardsNotFoundError(f"shards not found: {head}: {HOW_TO_PUBLISH}")
     return urls
+
+
+def data_fingerprint(cfg: LoaderConfig) -> dict:
+    """What a run trains on, recorded in every checkpoint: each shard's name and size and the sha256 of its parquet
+    index (folder mode: each image's relative path and size). Resuming on other data is refused with what changed."""
+    if cfg.mode == "folder":
+        root = Path(cfg.images)
+        files = list_images(root)
+        digest = hashlib.sha256("\n".join(f"{Path(f).relative_to(root).as_posix()}:{Path(f).stat().st_size}"
+                                          for f in files).encode()).hexdigest()[:16]
+        return {"images": len(files), "listing_sha256": digest}
+    shards = {}
+    for url in resolve_shards(cfg.shards, split=cfg.split):
+        entry: dict[str, Any] = {}
+        if _is_local(url):
+            path = Path(url)
+            entry["bytes"] = path.stat().st_size
+            index = path.with_suffix(".parquet")
+            if index.is_file():
+                entry["index_sha256"] = hashlib.sha256(index.read_bytes()).hexdigest()[:16]
+        shards[Path(url).name] = entry
+    return {"split": cfg.split, "shards": shards}
 
 
 def list_images(folder: str | Path) -> list[str]:
@@ -265,7 +304,11 @@ def pair_sample(raw: dict, *, mode: str, lq_from: str, preset: DegradationPreset
     gts = {s: _fit(_decode(raw, _image_name(raw, s)), resolution) for s in ("src", "tar")}
     # one LQ, from the configured side's GT, shared by both targets: the dual loss restores it to either face
     lq, params = _lq(gts[side], preset=preset, seed=seed, epoch=epoch, key=key)
-    index, probs_src, probs_tar, attribute, direction = _attribute_targets(raw, json.loads(raw["json"]))
+    try:
+        meta = json.loads(raw["json"])
+    except ValueError as err:
+        raise ShardFormatError(f"{_where(raw)}: its json member is not valid JSON ({err})") from None
+    index, probs_src, probs_tar, attribute, direction = _attribute_targets(raw, meta)
     return {"key": key, "gt_src": to_tensor(gts["src"]), "gt_tar": to_tensor(gts["tar"]), "lq": lq,
             "prompt_src": raw["src.txt"].decode(), "prompt_tar": raw["tar.txt"].decode(),
             "attr_index": index, "attr_probs_src": torch.from_numpy(probs_src),
@@ -284,6 +327,87 @@ def folder_sample(item: dict, *, root: str, prompt: str, preset: DegradationPres
     key = path.relative_to(root).with_suffix("").as_posix()
     lq, params = _lq(gt, preset=preset, seed=seed, epoch=epoch, key=key)
     return {"key": key, "gt": to_tensor(gt), "lq": lq, "prompt": prompt, "lq_from": "hq", "degradation": params}
+
+
+class BadSamples:
+    """One worker's bad-sample records (webdataset handler for shard-level errors, and the sample converter's)."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+        self.pending: list[dict] = []
+
+    def __call__(self, exn: Exception) -> bool:
+        """webdataset's handler: a shard that is truncated, not a tar, or unreadable (webdataset puts its url in
+        the exception's arguments)."""
+        text = " ".join(str(a) for a in exn.args) if exn.args else type(exn).__name__
+        urls = [str(a) for a in exn.args[1:] if isinstance(a, str)]
+        shard = Path(urls[-1]).name if urls else Path(text.rsplit(" @ ", 1)[-1]).name if " @ " in text else "?"
+        reason = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+        if self.policy == "raise":
+            raise BadSampleError(f"shard {shard}: {reason} (the shard is damaged; re-publish it, or set "
+                                 f"bad_samples: skip to train on the rest)") from exn
+        self.pending.append({"shard": shard, "key": None, "reason": reason})
+        return True
+
+    def sample_failed(self, raw: dict, exn: Exception) -> None:
+        shard = Path(str(raw["__url__"])).name if "__url__" in raw else "folder"
+        key = raw.get("__key__", raw.get("url", "?"))
+        if self.policy == "raise":
+            if isinstance(exn, BadSampleError):  # already names the shard and the key
+                raise exn
+            raise BadSampleError(f"shard {shard}, sample {key!r}: {type(exn).__name__}: {exn}") from exn
+        reason = str(exn) if isinstance(exn, BadSampleError) else f"{type(exn).__name__}: {exn}"
+        self.pending.append({"shard": shard, "key": str(key), "reason": reason})
+
+    def take(self) -> list[dict]:
+        out, self.pending = self.pending, []
+        return out
+
+
+def shard_lengths(urls: Sequence[str]) -> dict[str, int]:
+    """Samples per local shard from its parquet index (publishing writes one beside every shard)."""
+    import pyarrow.parquet as pq
+
+    out = {}
+    for url in urls:
+        index = Path(url).with_suffix(".parquet")
+        if _is_local(url) and index.is_file():
+            with contextlib.suppress(Exception):  # an unreadable index only loses this check
+                out[url] = pq.ParquetFile(index).metadata.num_rows
+    return out
+
+
+def _check_lengths(src, *, expected: dict[str, int], bad: BadSamples):
+    """A shard cut at a tar block boundary reads as a shorter, valid tar: compare each shard's sample count with
+    its index and record the shortfall."""
+    current, count = None, 0
+
+    def finish():
+        if current in expected and count < expected[current]:
+            bad(EOFError(f"the shard ended after {count} of its {expected[current]} samples (cut short)", current))
+
+    for sample in src:
+        url = sample.get("__url__")
+        if url != current:
+            finish()
+            current, count = url, 0
+        count += 1
+        yield sample
+    finish()
+
+
+def _convert(src, *, to_sample, bad: BadSamples):
+    """raw samples -> training samples; a sample that fails becomes a record on the next good one."""
+    for raw in src:
+        try:
+            sample = to_sample(raw)
+        except Exception as exn:  # noqa: BLE001 - any unreadable content is a bad sample, by policy
+            bad.sample_failed(raw, exn)
+            continue
+        sample[BAD_KEY] = bad.take()
+        yield sample
+    if bad.pending:  # the worker's stream ended on bad samples: their records travel alone
+        yield {RECORD_ONLY: True, BAD_KEY: bad.take()}
 
 
 def _shuffle_samples(src, *, bufsize: int, seed: int, epoch: int):
@@ -312,11 +436,14 @@ def make_dataset(cfg: LoaderConfig, *, epoch: int = 0) -> wds.DataPipeline:
         # every node shuffles the list with the same seed, so the node/worker slices partition it exactly
         stages = [wds.SimpleShardList(urls, seed=list_seed if cfg.shuffle_buffer else None),
                   wds.split_by_node, wds.split_by_worker]
+    bad = BadSamples(cfg.bad_samples)
     if cfg.mode != "folder":
-        stages.append(wds.tarfile_to_samples())
+        stages.append(wds.tarfile_to_samples(handler=bad))
+        if not cfg.resampled:
+            stages.append(partial(_check_lengths, expected=shard_lengths(urls), bad=bad))
         if cfg.shuffle_buffer:
             stages.append(partial(_shuffle_samples, bufsize=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch))
-    stages.append(wds.map(to_sample))
+    stages.append(partial(_convert, to_sample=to_sample, bad=bad))
     dataset = wds.DataPipeline(*stages)
     if cfg.resampled:
         _, world_size, _, _ = wds.utils.pytorch_worker_info()
@@ -334,7 +461,12 @@ def _stack(name: str, values: list[torch.Tensor]) -> torch.Tensor:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Samples -> a batch: tensors stacked ([B, ...]), ints as an int64 tensor, strings and dicts as lists."""
+    """Samples -> a batch: tensors stacked ([B, ...]), ints as an int64 tensor, strings and dicts as lists;
+    ``bad_samples``: the records of the bad samples met on the way (a batch of records only holds just that)."""
+    bad = [r for s in samples for r in s.get(BAD_KEY, ())]
+    samples = [s for s in samples if not s.get(RECORD_ONLY)]
+    if not samples:
+        return {"bad_samples": bad}
     batch = {}
     for name in samples[0]:
         if name.startswith("__"):  # webdataset's bookkeeping (wds.map puts __key__ back); ``key`` carries it
@@ -346,6 +478,7 @@ def collate(samples: list[dict]) -> dict:
             batch[name] = torch.tensor(values, dtype=torch.int64)
         else:
             batch[name] = values
+    batch["bad_samples"] = bad
     return batch
 
 

@@ -66,8 +66,10 @@ ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
 # they change how long or how visibly a run goes, not what it computes.
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "resume", "overwrite",
-    "attention_backend", "gradient_checkpointing",
+    "attention_backend", "gradient_checkpointing", "accept_data_change", "max_bad_fraction",
 })
+DATA_FINGERPRINT = "data_fingerprint"  # the config key trainers record the data under (training.data.data_fingerprint)
+MIN_SAMPLES_FOR_BAD_FRACTION = 20  # the bad-sample fraction is judged once this many samples were read
 
 
 class CheckpointError(RuntimeError):
@@ -76,6 +78,10 @@ class CheckpointError(RuntimeError):
 
 class ResumeMismatchError(ValueError):
     """The run's settings or config differ from the checkpoint's in keys that change what training computes."""
+
+
+class TooManyBadSamplesError(RuntimeError):
+    """More of the data than ``max_bad_fraction`` could not be read (the message names the worst shards)."""
 
 
 class OutputDirInUseError(FileExistsError):
@@ -105,6 +111,10 @@ class TrainSettings(BaseModel):
     lr: float = Field(1.0, gt=0)  # Prodigy's multiplier on its own estimate (1.0); AdamW's learning rate
     weight_decay: float = Field(0.01, ge=0)
     attention_backend: Literal["auto", "math", "flash", "efficient", "cudnn"] = "auto"
+    # the loader's bad_samples: skip drops unreadable samples; past this fraction of the samples read, training stops
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    # resume even though the data differ from the checkpoint's (shards replaced, added or removed)
+    accept_data_change: bool = False
 
 
 @dataclass
@@ -244,12 +254,12 @@ def _json_normal(value: Any) -> Any:
 
 
 def config_differences(saved: dict, current: dict, *, allowed: Iterable[str] = RESUMABLE_CHANGES) -> list[str]:
-    """Keys (dotted) whose values differ between two config trees, except keys whose last part is ``allowed``."""
+    """Keys (dotted) whose values differ between two config trees, except keys with a part in ``allowed``."""
     allowed = set(allowed)
     a, b = _flatten(_json_normal(saved)), _flatten(_json_normal(current))
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if key in allowed or key.rsplit(".", 1)[-1] in allowed:
+        if key in allowed or any(part in allowed for part in key.split(".")):  # a leaf, or a whole allowed subtree
             continue
         old = repr(a[key]) if key in a else "<absent>"
         new = repr(b[key]) if key in b else "<absent>"
@@ -330,6 +340,9 @@ class Trainer:
         # parameters get no gradient in a step (a dropped condition) under multi-GPU DDP
         self.accelerator_kwargs = dict(accelerator_kwargs or {})
         self.output_dir = Path(settings.output_dir)
+        if settings.accept_data_change:
+            self.allow_changes |= {DATA_FINGERPRINT}
+        self.bad = {"count": 0, "seen": 0, "by_shard": {}}  # bad-sample records met by this process (see data.py)
 
     # Set-up
 
@@ -337,6 +350,13 @@ class Trainer:
         saved = {"settings": state.get("settings", {}), "config": state.get("config", {})}
         current = {"settings": self.settings.model_dump(), "config": self.config}
         diffs = config_differences(saved, current, allowed=self.allow_changes)
+        data = [d for d in diffs if d.startswith(f"config.{DATA_FINGERPRINT}.")]
+        if data:
+            raise ResumeMismatchError(
+                f"cannot resume from {path}: the training data differ from the data it was trained on:\n  "
+                + "\n  ".join(data[:10]) + (f"\n  ... and {len(data) - 10} more" if len(data) > 10 else "")
+                + "\nPut the original shards back, train into a new output_dir, or resume on these data anyway "
+                  "with train.accept_data_change: true")
         if diffs:
             raise ResumeMismatchError(
                 f"cannot resume from {path}: these settings/config keys differ from the checkpoint's and change what "
@@ -409,7 +429,7 @@ class Trainer:
 
     def _state(self, step: int, epoch: int, into: int, accelerator: Any) -> dict:
         return {"step": step, "epoch": epoch, "batches_into_epoch": into, "config": self.config,
-                "settings": self.settings.model_dump(), "versions": _versions(),
+                "settings": self.settings.model_dump(), "versions": _versions(), "bad_samples": self.bad,
                 "num_processes": accelerator.num_processes, "saved_at": datetime.now(timezone.utc).isoformat()}
 
     def _write_deliverable(self, folder: Path, model: torch.nn.Module, state: dict) -> None:
@@ -549,6 +569,7 @@ class Trainer:
         if resume_path is not None:
             pending_rng = self._load_checkpoint(resume_path, model, optimizer, accelerator)
             step, epoch, into = (int(saved_state[k]) for k in ("step", "epoch", "batches_into_epoch"))
+            self.bad = {"count": 0, "seen": 0, "by_shard": {}, **saved_state.get("bad_samples", {})}
             resumed_from = step
             self._main_log(accelerator, f"resuming from {resume_path} (step {step}, epoch {epoch}, "
                                         f"{into} batches into it)")
@@ -570,6 +591,8 @@ class Trainer:
             t0 = time.perf_counter()
             stream = self._batches(epoch, into, pending_rng) if step < s.max_steps else iter(())
             for epoch, into, batch in stream:
+                if not self._count_bad(batch, accelerator):
+                    continue  # a batch of bad-sample records only: nothing to train on
                 batch = send_to_device(batch, accelerator.device, non_blocking=True)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
@@ -593,6 +616,7 @@ class Trainer:
                 scalar_keys = scalar_keys or [k for k in values if k != "loss"]
                 if step % s.log_every == 0 or step == s.max_steps:
                     row = self._log_row(step, epoch, values, grad_norm, optimizer, seconds, accelerator)
+                    row["bad_samples"] = self.bad["count"]
                     if losses_file is not None:
                         losses_file.write(json.dumps(row) + "\n")
                         losses_file.flush()
@@ -613,6 +637,28 @@ class Trainer:
         return TrainResult(step=step, output_dir=self.output_dir, final_dir=self.output_dir / FINAL_DIR,
                            losses_path=losses_path, seconds_per_step=seconds_per_step, resumed_from=resumed_from,
                            loss_curve_path=curve)
+
+    def _count_bad(self, batch: dict, accelerator: Any) -> bool:
+        """Take the batch's bad-sample records (``training.data.collate``): count them per shard, log each, stop past
+        ``max_bad_fraction``. False when the batch holds records only."""
+        records = batch.pop("bad_samples", None) or []
+        good = len(batch.get("key", ())) if batch else 0
+        self.bad["seen"] += good + len(records)
+        for r in records:
+            self.bad["count"] += 1
+            shard = str(r.get("shard"))
+            self.bad["by_shard"][shard] = self.bad["by_shard"].get(shard, 0) + 1
+            where = f"shard {shard}" + (f", sample {r['key']!r}" if r.get("key") else "")
+            self._log(f"skipped a bad sample ({where}): {r.get('reason')}")
+        seen, count = self.bad["seen"], self.bad["count"]
+        if records and seen >= MIN_SAMPLES_FOR_BAD_FRACTION and count > self.settings.max_bad_fraction * seen:
+            worst = sorted(self.bad["by_shard"].items(), key=lambda kv: -kv[1])[:5]
+            raise TooManyBadSamplesError(
+                f"{count} of the {seen} samples read so far could not be read ({count / seen:.1%} > "
+                f"max_bad_fraction {self.settings.max_bad_fraction:.1%}); worst shards: "
+                + ", ".join(f"{name} ({n})" for name, n in worst)
+                + ". Re-publish those shards, or raise train.max_bad_fraction to train on the rest")
+        return bool(batch)
 
     @staticmethod
     def _log_row(step: int, epoch: int, values: dict[str, float], grad_norm: Any, optimizer: Any, seconds: float,

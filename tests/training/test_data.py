@@ -43,7 +43,7 @@ def test_single_mode_keys_shapes_and_sides(shard_dir, metas):
     batches = list(make_loader(_cfg(shard_dir, resolution=32, lq_from="tar")))
     assert sum(len(b["key"]) for b in batches) == SHARDS * PER_SHARD
     b = batches[0]
-    assert set(b) == {"key", "gt", "lq", "prompt", "lq_from", "degradation"}
+    assert set(b) == {"key", "gt", "lq", "prompt", "lq_from", "degradation", "bad_samples"}
     assert b["gt"].shape == b["lq"].shape == (4, 3, 32, 32) and b["gt"].dtype == torch.float32
     assert -1 <= b["lq"].min() and b["lq"].max() <= 1 and b["gt"].min() < 0 < b["gt"].max()
     assert b["lq_from"] == ["tar"] * 4
@@ -61,7 +61,7 @@ def test_dual_mode_one_lq_for_both_targets(shard_dir, metas):
     loader = make_loader(_cfg(shard_dir, mode="dual", lq_from="src", resolution=48))
     b = next(iter(loader))
     assert {"gt_src", "gt_tar", "lq", "prompt_src", "prompt_tar", "attr_index", "attr_probs_src", "attr_probs_tar",
-            "attribute", "direction", "key", "degradation", "lq_from"} == set(b)
+            "attribute", "direction", "key", "degradation", "lq_from", "bad_samples"} == set(b)
     assert b["gt_src"].shape == b["gt_tar"].shape == b["lq"].shape == (4, 3, 48, 48)
     assert b["attr_index"].dtype == torch.int64 and b["attr_probs_src"].shape == b["attr_probs_tar"].shape == (4, 40)
     for i, key in enumerate(b["key"]):
@@ -141,12 +141,19 @@ def test_missing_member_names_shard_key_and_member(shard_dir, metas, tmp_path):
         writer.write({"__key__": "zzz_garbled", "src.jpg": b"not a jpeg", "src.txt": b"a face."})
     first = sorted(metas)[0]
     assert next(iter(make_loader(_cfg(broken, lq_from="src", batch_size=1, shuffle_buffer=0))))["key"] == [first]
+    strict = {"shuffle_buffer": 0, "bad_samples": "raise"}
     with pytest.raises(ShardFormatError, match="sample 'zzz_garbled': member src.jpg is not a decodable image"):
-        list(make_loader(_cfg(broken, lq_from="src", shuffle_buffer=0)))
+        list(make_loader(_cfg(broken, lq_from="src", **strict)))
     with pytest.raises(ShardFormatError, match=rf"attrface-train-000000.tar, sample '{first}' lacks member tar.jpg"):
-        next(iter(make_loader(_cfg(broken, mode="dual", shuffle_buffer=0))))
+        next(iter(make_loader(_cfg(broken, mode="dual", **strict))))
     with pytest.raises(ShardFormatError, match=r"lacks member tar.jpg .*, tar.txt, which mode 'single'"):  # in workers
-        next(iter(make_loader(_cfg(broken, lq_from="random", shuffle_buffer=0, num_workers=1))))
+        next(iter(make_loader(_cfg(broken, lq_from="random", num_workers=1, **strict))))
+    # skip (the default): the garbled sample is dropped and its record rides with the batch
+    batches = list(make_loader(_cfg(broken, lq_from="src", shuffle_buffer=0, batch_size=8)))
+    assert [len(b["key"]) for b in batches] == [2]
+    (record,) = batches[0]["bad_samples"]
+    assert record["shard"] == broken.name and record["key"] == "zzz_garbled"
+    assert "not a decodable image" in record["reason"]
 
 
 def test_folder_loader_on_hq_images(samples):
@@ -156,7 +163,7 @@ def test_folder_loader_on_hq_images(samples):
     keys = [k for b in batches for k in b["key"]]
     assert len(keys) == 7 == len(set(keys)) and "ffhq_00000" in keys
     b = batches[0]
-    assert set(b) == {"key", "gt", "lq", "prompt", "lq_from", "degradation"}
+    assert set(b) == {"key", "gt", "lq", "prompt", "lq_from", "degradation", "bad_samples"}
     assert b["gt"].shape == b["lq"].shape == (3, 3, 64, 64) and b["prompt"] == ["a photo of a face."] * 3
     again = _by_key(make_loader(cfg.model_copy(update={"num_workers": 0})), "lq")
     assert all(torch.equal(v, again[k]) for batch in batches for k, v in zip(batch["key"], batch["lq"]))

@@ -26,7 +26,7 @@ from training.a2bfr.config import A2BFRTrainConfig
 from training.a2bfr.losses import Objective
 from training.a2bfr.model import ConditionedFlux, add_condition_lora, freeze_unused_lora, set_lora_scale
 from training.a2bfr.pipeline import A2BFRPipeline, save_a2bfr_lora, to_uint8
-from training.engine import Trainer, TrainResult, set_attention_backend
+from training.engine import DATA_FINGERPRINT, Trainer, TrainResult, set_attention_backend
 
 SAMPLES_PNG = "samples.png"
 
@@ -92,7 +92,7 @@ def train(cfg: A2BFRTrainConfig, *, log: Callable[[str], None] = print) -> tuple
     """Train (or resume) and return the engine's result + the paths the asset reports."""
     from accelerate import PartialState
 
-    from training.data import make_loader, preview_batch
+    from training.data import data_fingerprint, make_loader, preview_batch
 
     set_attention_backend(cfg.train.attention_backend)
     state = PartialState()
@@ -120,7 +120,8 @@ def train(cfg: A2BFRTrainConfig, *, log: Callable[[str], None] = print) -> tuple
         save_a2bfr_lora(pipe.transformer, folder, adapter_name=cfg.model.lora.adapter_name, record=lora_record(cfg))
 
     trainer = Trainer(cfg.train, model=model, loader_factory=lambda epoch: make_loader(data, epoch=epoch),
-                      step_fn=step_fn, save_fn=save_fn, config=cfg.model_dump(mode="json"),
+                      step_fn=step_fn, save_fn=save_fn,
+                      config={**cfg.model_dump(mode="json"), DATA_FINGERPRINT: data_fingerprint(data)},
                       on_checkpoint=lambda step, folder: render(folder), log=log)
     result = trainer.fit()
     render(out)

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from attrface_pipeline.images import encode_image
 from attrface_pipeline.storage import atomic_write_bytes
 from training.data import LoaderConfig
-from training.engine import FINAL_DIR, Trainer, TrainResult, TrainSettings
+from training.engine import DATA_FINGERPRINT, FINAL_DIR, Trainer, TrainResult, TrainSettings
 from training.roboface.config import RoboFaceConfig
 
 SAMPLES_PNG = "samples.png"
@@ -218,7 +218,7 @@ def load_model(cfg: RoboFaceTrainConfig, device: torch.device):
 
 def _fit_stage(cfg: RoboFaceTrainConfig, model, stage: str, *, captions, samples: dict | None, main: bool,
                log: Callable[[str], None]) -> TrainResult:
-    from training.data import make_loader
+    from training.data import data_fingerprint, make_loader
     from training.roboface.model import save_fn, step_fn
 
     model.freeze_for(stage)
@@ -240,7 +240,8 @@ def _fit_stage(cfg: RoboFaceTrainConfig, model, stage: str, *, captions, samples
     log(f"roboface {stage}: {cfg.model.stage(stage).steps} steps into {out}")
     trainer = Trainer(stage_settings(cfg, stage), model=model, loader_factory=lambda epoch: make_loader(data,
                                                                                                         epoch=epoch),
-                      step_fn=step, save_fn=save_fn(stage), config=stage_record(cfg, stage),
+                      step_fn=step, save_fn=save_fn(stage),
+                      config={**stage_record(cfg, stage), DATA_FINGERPRINT: data_fingerprint(data)},
                       on_checkpoint=lambda _, folder: render(folder), log=log, allow_changes=RESUMABLE)
     result = trainer.fit()
     render(out)
