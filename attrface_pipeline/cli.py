@@ -314,34 +314,48 @@ def evaluate(
     profile: Optional[str] = typer.Option(None),
     config: Optional[list[str]] = typer.Option(None, "--config", help="YAML settings file(s)"),
 ) -> None:
-    """Metrics of a folder of restorations against a folder of GT faces (paired by file name)."""
+    """Metrics of a folder of restorations against a folder of GT faces (paired by file name). A pair whose image
+    cannot be read is reported and left out; exit status 0 all pairs scored, 1 nothing could be scored, 2 usage
+    error, 3 some pairs failed."""
     from attrface_pipeline.builders import build_eval_scorers
-    from attrface_pipeline.storage import atomic_write_json
+    from attrface_pipeline.storage import StorageError, atomic_write_json
     from training.eval.report import FOLDER_METRICS, LABELS, evaluate_folders
+    from training.restore_faces import prepare_output_dir
 
     chosen = metrics or list(FOLDER_METRICS)
     unknown = sorted(set(chosen) - set(FOLDER_METRICS))
     if unknown:
         raise typer.BadParameter(f"unknown metric(s) {unknown}; choose from {list(FOLDER_METRICS)}")
     cfg = _config_or_exit(profile, config)
+    if json_out is not None:
+        try:
+            prepare_output_dir(json_out.parent)  # before any network loads
+        except (StorageError, NotADirectoryError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(EXIT_FAILED) from None
     try:
-        cells, unpaired = evaluate_folders(pred, gt, build_eval_scorers(cfg, chosen), metrics=chosen)
+        cells, unpaired, records = evaluate_folders(pred, gt, build_eval_scorers(cfg, chosen), metrics=chosen)
     except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
     if unpaired:
         typer.echo(f"warning: {len(unpaired)} file(s) in only one folder, skipped (e.g. {unpaired[0]})", err=True)
+    failed = [r for r in records if r["status"] != "ok"]
+    for r in failed:
+        typer.echo(f"warning: pair {r['name']} left out: {r['reason']}", err=True)
     n = max((c.n for c in cells.values()), default=0)
-    typer.echo(f"{n} pairs")
+    typer.echo(f"{n} pairs" + (f" ({len(failed)} unreadable, left out)" if failed else ""))
     for metric, cell in cells.items():
         shown = f"{cell.value:.4f}" if cell.value is not None else f"n/a ({cell.note})"
         typer.echo(f"{LABELS[metric]:<10} {shown}")
     if json_out is not None:
         atomic_write_json(json_out, {"pred": str(pred), "gt": str(gt), "pairs": n, "unpaired": unpaired,
-                                     "metrics": {m: {"value": c.value, "n": c.n, "note": c.note}
-                                                 for m, c in cells.items()}})
+                                     "failed": failed, "metrics": {m: {"value": c.value, "n": c.n, "note": c.note}
+                                                                   for m, c in cells.items()}})
     if all(c.value is None for c in cells.values()):
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
+    if failed:
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 if __name__ == "__main__":

@@ -125,10 +125,11 @@ def celeba_test_levels(context: dg.AssetExecutionContext, attrface: AttrFaceConf
     files = bs.list_images(src.paths, src.extensions)
 
     def make_rows(out: Path):
-        items = bs.folder_items(files, decode=_decode(cfg))
+        failures: list[dict] = []
+        items = bs.folder_items(files, decode=_decode(cfg), failures=failures)
         return bs.write_degraded_set(items, out, name="celeba_test_levels", presets=_presets(cfg),
                                      seed=cfg.benchmarks.seed, resolution=cfg.benchmarks.resolution,
-                                     write=atomic_write_bytes), []
+                                     write=atomic_write_bytes), failures
 
     return _build_set(context, cfg, "celeba_test_levels", _files_digest(files), make_rows)
 

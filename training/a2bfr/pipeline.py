@@ -43,6 +43,7 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import FluxPipelineOutput, calculate_shift, retrieve_timesteps
 
+from attrface_pipeline.models.weights import WeightsError, safetensors_shapes
 from training.a2bfr.model import ConditionedFlux, set_lora_scale
 
 DEFAULT_PROMPT = "A photo of a human face"
@@ -53,7 +54,7 @@ OFFICIAL_ADAPTER = "deblurring"
 ConditionLatent = Literal["sample", "mean"]
 
 
-class LoraFileError(ValueError):
+class LoraFileError(WeightsError):
     """A LoRA file that cannot be used with this base: one line naming the path, what was expected and found."""
 
 
@@ -70,6 +71,9 @@ def find_lora_file(path: str | Path) -> tuple[Path, str]:
         return path.parent, path.name
     if not path.is_dir():
         raise FileNotFoundError(f"no A²BFR LoRA at {path} (expected a folder or a .safetensors file)")
+    if (path / "roboface.json").is_file():
+        raise LoraFileError(f"{path} is a RoboFace run (it holds roboface.json), not an A²BFR LoRA: restore it with "
+                            f"--model roboface")
     for name in (OUR_WEIGHTS, RELEASE_WEIGHTS):
         if (path / name).is_file():
             return path, name
@@ -87,16 +91,11 @@ def check_lora_file(path: str | Path, transformer: torch.nn.Module) -> dict[str,
     RoboFace or UNet file) or of another base (FLUX.1-dev's LoRA on the tiny Flux, or the reverse) each give one
     :class:`LoraFileError` line naming the path, what was expected and what was found.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types, OSError, or ValueError
-        size = path.stat().st_size if path.exists() else 0
-        raise LoraFileError(f"{path}: not a readable safetensors file ({size} bytes; {type(err).__name__}: "
-                            f"{err}). Download or train it again") from None
+        shapes = safetensors_shapes(path, what="LoRA")
+    except WeightsError as err:
+        raise LoraFileError(str(err)) from None
     pairs: dict[str, dict[str, tuple]] = {}
     for key, shape in shapes.items():
         name = key.removeprefix("transformer.")

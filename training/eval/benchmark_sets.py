@@ -189,15 +189,33 @@ def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def folder_items(files: Iterable[Path], *, decode: Callable[[bytes], np.ndarray]) -> Iterator[BenchItem]:
-    """Aligned HQ faces from files, keyed by content; a file that repeats an earlier one's bytes is skipped."""
+def folder_items(files: Iterable[Path], *, decode: Callable[[bytes], np.ndarray],
+                 failures: list[dict] | None = None) -> Iterator[BenchItem]:
+    """Aligned HQ faces from files, keyed by content; a file that repeats an earlier one's bytes is skipped, and
+    one that cannot be read or decoded becomes a row of ``failures`` (origin, key, reason), never an error."""
     seen: set[str] = set()
     for f in files:
-        data = f.read_bytes()
+        try:
+            data = f.read_bytes()
+        except OSError as err:
+            _fail(failures, f, "", f"unreadable: {err}")
+            continue
         key = content_key(data)
-        if key not in seen:
-            seen.add(key)
-            yield BenchItem(key=key, gt=decode(data), origin=str(f))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            gt = decode(data)
+        except Exception as err:  # noqa: BLE001 - one bad file is a failure row, never the end of the set
+            _fail(failures, f, key, f"undecodable: {err}")
+            continue
+        yield BenchItem(key=key, gt=gt, origin=str(f))
+
+
+def _fail(failures: list[dict] | None, origin: Path, key: str, reason: str) -> None:
+    if failures is None:
+        raise ValueError(f"{origin}: {reason}")
+    failures.append({"origin": str(origin), "key": key, "reason": reason})
 
 
 def preview_rows(items_rows: Sequence[dict], root: Path, *, limit: int, read: Callable[[Path], np.ndarray],
@@ -229,24 +247,36 @@ def align_real_faces(files: Iterable[Path], *, detector, decode: Callable[[bytes
 
     faces, failures = [], []
     for f in files:
-        data = f.read_bytes()
+        try:
+            data = f.read_bytes()
+        except OSError as err:
+            _fail(failures, f, "", f"unreadable: {err}")
+            continue
         key = content_key(data)
         try:
             image = decode(data)
         except Exception as err:  # noqa: BLE001 - one bad photo is a failure row, never the end of the set
-            failures.append({"origin": str(f), "key": key, "reason": f"undecodable: {err}"})
+            _fail(failures, f, key, f"undecodable: {err}")
             continue
         if align == "as_is":
             faces.append((key, image, str(f)))
             continue
-        found = sorted(detector.detect(image), key=lambda face: (face.bbox[0], face.bbox[1]))
+        try:  # degenerate sizes (a 2000x16 strip) make the detector itself fail
+            found = sorted(detector.detect(image), key=lambda face: (face.bbox[0], face.bbox[1]))
+        except Exception as err:  # noqa: BLE001 - that photo's failure row
+            _fail(failures, f, key, f"detector_failed: {type(err).__name__}: {err}")
+            continue
         if not found:
-            failures.append({"origin": str(f), "key": key, "reason": "no_face"})
+            _fail(failures, f, key, "no_face")
         for index, face in enumerate(found):
             reason = reject(face)
+            if not reason:
+                try:
+                    crop, _ = align_face(image, face.landmarks5, size=size)
+                except ValueError as err:  # degenerate landmarks
+                    reason = f"unalignable: {err}"
             if reason:
-                failures.append({"origin": str(f), "key": f"{key}_{index}", "reason": reason})
+                _fail(failures, f, f"{key}_{index}", reason)
                 continue
-            crop, _ = align_face(image, face.landmarks5, size=size)
             faces.append((f"{key}_{index}", crop, str(f)))
     return faces, failures

@@ -655,14 +655,41 @@ def pair_folders(pred_dir: str | Path, gt_dir: str | Path) -> tuple[list[tuple[s
 
 
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, scorers: Scorers, *,
-                     metrics: Sequence[str] = FOLDER_METRICS) -> tuple[dict[str, Cell], list[str]]:
+                     metrics: Sequence[str] = FOLDER_METRICS) -> tuple[dict[str, Cell], list[str], list[dict]]:
     """Mean metrics of the restorations in ``pred_dir`` against same-named GT images in ``gt_dir`` (predictions
-    are resized to their GT's size); also returns the names found in only one folder."""
+    are resized to their GT's size); also returns the names found in only one folder and one record per pair
+    ({name, pred, gt, status: ok | failed, reason}): a pair whose image cannot be read is left out of the means,
+    never the end of the run. ValueError when no pair can be read."""
+    from attrface_pipeline.images import check_rgb
+
     pairs, unpaired = pair_folders(pred_dir, gt_dir)
     if not pairs:
         raise ValueError(f"no image of {pred_dir} has a same-named GT in {gt_dir}")
-    gts = [_read(g) for _, _, g in pairs]
-    preds = [_fit(_read(p), gt.shape) for (_, p, _), gt in zip(pairs, gts)]
+    preds, gts, records = [], [], []
+    for name, pred, gt in pairs:
+        record = {"name": name, "pred": str(pred), "gt": str(gt), "status": "ok", "reason": ""}
+        records.append(record)
+        try:
+            images = []
+            for path in (gt, pred):
+                try:
+                    image = _read(path)
+                    check_rgb(image)
+                except Exception as err:  # noqa: BLE001 - any unreadable file is that pair's failure
+                    raise ValueError(f"{path}: unreadable image ({type(err).__name__}: {err})") from None
+                if min(image.shape[:2]) < 1:
+                    raise ValueError(f"{path}: empty image")
+                images.append(image)
+            gt_img, pred_img = images
+            pred_img = _fit(pred_img, gt_img.shape)
+        except ValueError as err:
+            record.update(status="failed", reason=str(err))
+            continue
+        gts.append(gt_img)
+        preds.append(pred_img)
+    if not gts:
+        raise ValueError(f"none of the {len(pairs)} pairs of {pred_dir} and {gt_dir} could be read: "
+                         f"{records[0]['reason']}")
     cells = score_restoration([m for m in metrics if m != "sc"], scorers, preds, gts, prompts=None,
                               fid_reference=reference_features(scorers, gts))
-    return cells, unpaired
+    return cells, unpaired, records

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attrface_pipeline.models.weights import WeightsError, safetensors_shapes
+from training.roboface.attention import DCA_FILE
 from training.roboface.config import RoboFaceConfig
 from training.roboface.model import MANIFEST, RoboFace
 from training.roboface.pipeline import RoboFaceRestorer
@@ -28,18 +30,42 @@ def trained_config(weights: str | Path) -> RoboFaceConfig:
     weights = Path(weights)
     manifest_path = weights / MANIFEST
     if not manifest_path.is_file():
+        if weights.is_file() or (weights / "pytorch_lora_weights.safetensors").is_file():
+            raise WeightsError(f"{weights} is an A²BFR LoRA, not a RoboFace run: restore it with --model a2bfr")
         raise FileNotFoundError(f"{weights} is not a trained RoboFace folder (no {MANIFEST}); pass "
                                 f"<run>/stage2/final as --weights")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        manifest["num_tokens"], manifest["dca_mode"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise WeightsError(f"{manifest_path}: unreadable RoboFace manifest ({type(err).__name__}: {err}); copy or "
+                           f"train the run again") from None
     missing = [p for p in STAGE2_PARTS if p not in manifest.get("parts", [])]
     if missing:
         raise ValueError(f"{weights} lacks {missing} (a stage-I folder?): restoring needs the stage-II model, "
                          f"<run>/stage2/final")
+    check_parts(weights)
     record = json.loads((weights / "config.json").read_text()) if (weights / "config.json").is_file() else {}
     model = {k: v for k, v in (record.get("model") or {}).items() if k in RoboFaceConfig.model_fields}
     cfg = RoboFaceConfig.model_validate(model)
     return cfg.model_copy(update={"num_tokens": manifest["num_tokens"],
                                   "dca": cfg.dca.model_copy(update={"mode": manifest["dca_mode"]})})
+
+
+def check_parts(weights: Path, parts=STAGE2_PARTS) -> None:
+    """Every part's weight files present and readable (safetensors headers), before anything loads."""
+    for part in parts:
+        if part == "dca":
+            safetensors_shapes(weights / DCA_FILE, what="RoboFace DCA weights")
+            continue
+        folder = weights / part
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        if not (folder / "config.json").is_file() or not files:
+            raise WeightsError(f"{folder}: missing or incomplete (a config.json and .safetensors weights expected, "
+                               f"found {sorted(p.name for p in folder.iterdir()) if folder.is_dir() else 'nothing'})"
+                               f"; copy or train the run again")
+        for file in files:
+            safetensors_shapes(file, what=f"RoboFace {part}")
 
 
 @dataclass

@@ -142,7 +142,8 @@ def test_evaluate_folders_pairs_by_name(sets, scorers, tmp_path):
         atomic_write_bytes(gt / f"{r['key']}.png", (bset.root / r["gt_path"]).read_bytes())
         atomic_write_bytes(pred / f"{r['key']}.jpg", encode_image(read_rgb(bset.root / r["gt_path"]), "jpg", 100))
     atomic_write_bytes(pred / "stray.png", encode_image(np.zeros((8, 8, 3), np.uint8), "png"))
-    cells, unpaired = R.evaluate_folders(pred, gt, scorers, metrics=["psnr", "ssim", "lpips", "ids", "musiq"])
+    cells, unpaired, records = R.evaluate_folders(pred, gt, scorers, metrics=["psnr", "ssim", "lpips", "ids", "musiq"])
+    assert {r["status"] for r in records} == {"ok"}
     assert unpaired == ["stray"] and cells["psnr"].n == 3
     assert cells["psnr"].value > 40 and cells["ssim"].value > 0.98 and cells["ids"].value > 0.99
     assert cells["lpips"].value < 0.05 and cells["musiq"].value is None
