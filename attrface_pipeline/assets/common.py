@@ -12,13 +12,15 @@ from attrface_pipeline.config import PipelineConfig, load_config
 from attrface_pipeline.images import encode_image, preview_grid
 from attrface_pipeline.remote import remote_root
 from attrface_pipeline.stages.chunks import ChunkPlan, ChunkRegistry
-from attrface_pipeline.stages.ingest import list_sources
+from attrface_pipeline.stages.ingest import source_listing
 
 
 def chunk_plan(cfg: PipelineConfig) -> ChunkPlan:
-    """The registered chunks of the data root plus new chunks of the source files none of them holds (read only)."""
-    listing = list_sources(cfg.source.paths, cfg.source.extensions)
-    return chunk_registry(cfg).plan(listing, cfg.source.chunk_size)
+    """The registered chunks of the data root plus new chunks of the source files none of them holds (read only);
+    members are source ids, ``plan.path(id)`` is where each is on this machine."""
+    listing = source_listing(cfg.source.paths, cfg.source.extensions)
+    return chunk_registry(cfg).plan(list(listing.values()), cfg.source.chunk_size,
+                                    paths={source_id: path for path, source_id in listing.items()})
 
 
 def chunk_registry(cfg: PipelineConfig) -> ChunkRegistry:

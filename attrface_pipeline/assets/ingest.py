@@ -15,36 +15,40 @@ from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.builders import align_spec, build_detector, face_thresholds
 from attrface_pipeline.config import PipelineConfig
 from attrface_pipeline.images import read_rgb
-from attrface_pipeline.stages.chunks import ChunkConflict
+from attrface_pipeline.stages.chunks import ChunkConflict, ChunkPlan
 from attrface_pipeline.stages.faces import FACE_SCHEMA, extract_faces
 from attrface_pipeline.stages.ingest import (SOURCE_SCHEMA, ContentIndex, HashCache, ingest_chunk, keys_digest,
                                             records_to_rows)
 from attrface_pipeline.storage import PartitionStore
 
 HASH_CACHE_DIR = "_hash_cache"  # under <data_root>/raw_images/, beside the chunk folders
-INGEST_VERSION = "ingest-v2"  # v2: duplicates across chunks, odd files quarantined; older partitions re-run
+# v2: duplicates across chunks, odd files quarantined; v3: source ids (a moved build is the same build). Older
+# partitions re-run once.
+INGEST_VERSION = "ingest-v3"
 
 
 def _raw_images_manifest(cfg: PipelineConfig, chunk: str) -> list[dict] | None:
-    """(key, source_path) rows of a chunk's complete raw_images manifest, or None (then its files are hashed)."""
+    """(key, source_id) rows of a chunk's complete raw_images manifest, or None (then its files are hashed)."""
     store = PartitionStore(cfg.paths.data_root, "raw_images", chunk)
     if store.read_stats() is None or not store.manifest_path.exists():
         return None
     try:
-        return store.read_manifest().select(["key", "source_path"]).to_pylist()
+        return store.read_manifest().select(["key", "source_id"]).to_pylist()
     except (OSError, ValueError, KeyError):  # unreadable or foreign manifest: hashing gives the same keys
         return None
 
 
-def content_index(cfg: PipelineConfig, chunks: dict[str, list[str]]) -> ContentIndex:
+def content_index(cfg: PipelineConfig, plan: ChunkPlan) -> ContentIndex:
     cache = HashCache(cfg.paths.data_root / "raw_images" / HASH_CACHE_DIR)
-    return ContentIndex(chunks, manifest=lambda chunk: _raw_images_manifest(cfg, chunk), cache=cache)
+    return ContentIndex(plan.chunks, manifest=lambda chunk: _raw_images_manifest(cfg, chunk), cache=cache,
+                        resolve=plan.path)
 
 
-def _raw_images_fingerprint(cfg: PipelineConfig, paths: list[str], earlier: dict[str, str]) -> str:
-    # One hash over config, listing and the earlier chunks' keys: downstream fingerprints keep only a prefix of it,
+def _raw_images_fingerprint(cfg: PipelineConfig, ids: list[str], earlier: dict[str, str]) -> str:
+    # One hash over config, members and the earlier chunks' keys: downstream fingerprints keep only a prefix of it,
     # so each of the three must change the whole string (a new duplicate upstream re-runs this chunk and its faces).
-    parts = [INGEST_VERSION, cfg.fingerprint("ingest"), hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+    # Source ids, not paths: the same photos mounted elsewhere are the same chunk.
+    parts = [INGEST_VERSION, cfg.fingerprint("ingest"), hashlib.sha256("\n".join(ids).encode()).hexdigest(),
              keys_digest(earlier)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -65,33 +69,34 @@ def raw_images(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> d
         # Fix the members of every new chunk before anything is built from one: all of them at once, so numbering
         # is the same whichever chunk a run builds first (concurrent runs register the same members; first wins).
         for chunk in plan.new:
-            if registry.commit(chunk, plan.chunks[chunk]):
+            if registry.commit(chunk, plan.chunks[chunk], listed=plan.paths):
                 context.log.info(f"registered {chunk}: {len(plan.chunks[chunk])} source files")
     except ChunkConflict as err:
         raise dg.Failure(str(err)) from None
     chunks = plan.chunks
-    missing = [{"chunk": c, "source_path": p} for c in context.partition_keys for p in plan.missing.get(c, [])]
+    missing = [{"chunk": c, "source_id": p} for c in context.partition_keys for p in plan.missing.get(c, [])]
     if missing:
         context.log.warning(f"{len(missing)} registered source files are no longer listed (kept in their chunks, "
-                            f"not re-chunked): {', '.join(m['source_path'] for m in missing[:5])}")
+                            f"not re-chunked): {', '.join(m['source_id'] for m in missing[:5])}")
     if (remote := remote_root(cfg.paths)) is not None:  # earlier chunks' keys come from their manifests, not hashing
         for chunk in chunks:
             remote.pull(f"raw_images/{chunk}")
-    index = content_index(cfg, chunks)
+    index = content_index(cfg, plan)
     # In source order, so the index of earlier chunks' keys grows once over the run (an unknown partition sorts
     # first and fails at once in chunk_paths).
     position = {chunk: i for i, chunk in enumerate(chunks)}
     partitions = sorted(context.partition_keys, key=lambda p: position.get(p, -1))
 
     def compute(partition: str, store: PartitionStore) -> tuple[list[dict], dict]:
-        records = ingest_chunk(chunk_paths(chunks, partition), min_side=cfg.ingest.min_side,
+        ids = chunk_paths(chunks, partition)
+        records = ingest_chunk([plan.path(i) for i in ids], ids=ids, min_side=cfg.ingest.min_side,
                                max_pixels=cfg.ingest.max_pixels, earlier=index.earlier(partition))
         rows = records_to_rows(records)
         quarantined = [r for r in rows if r["status"] != "ok"]
         return rows, {
             "sources": len(rows), "ok": len(rows) - len(quarantined), "quarantined": len(quarantined),
             "quarantine_reasons": dict(Counter(r["reason"] for r in quarantined)),
-            "quarantine_table": [{k: r[k] for k in ("key", "source_path", "reason", "detail")} for r in quarantined],
+            "quarantine_table": [{k: r[k] for k in ("key", "source_id", "reason", "detail")} for r in quarantined],
         }
 
     results = run_partitions(
@@ -109,9 +114,9 @@ def raw_images(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> d
             "ok": sum(s["ok"] for s in all_stats),
             "quarantined": sum(s["quarantined"] for s in all_stats),
             "quarantine_reasons": counts_json(_merge_counts(s["quarantine_reasons"] for s in all_stats)),
-            "quarantine": table_markdown(quarantine_rows, ["key", "source_path", "reason", "detail"]),
+            "quarantine": table_markdown(quarantine_rows, ["key", "source_id", "reason", "detail"]),
             "missing_sources": len(missing),
-            "missing": table_markdown(missing, ["chunk", "source_path"]),
+            "missing": table_markdown(missing, ["chunk", "source_id"]),
             "new_chunks": dg.MetadataValue.json(sorted(set(plan.new) & set(context.partition_keys))),
             "computed_partitions": sum(r.computed for r in results),
             "seconds": sum(s["seconds"] for s in all_stats),
@@ -135,8 +140,14 @@ def faces(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.Mat
     cfg = attrface.pipeline_config()
     detector = CachedBuilder(lambda: build_detector(cfg), lambda d: f"detector {d.name}")
 
+    plan = None  # source id -> this machine's path, listed once per step when a partition needs it
+
     def compute(partition: str, store: PartitionStore) -> tuple[list[dict], dict]:
+        nonlocal plan
         sources = PartitionStore(cfg.paths.data_root, "raw_images", partition).read_manifest().to_pylist()
+        plan = plan or chunk_plan(cfg)
+        for src in sources:  # read the photos where this machine has them (the build may have moved)
+            src["source_path"] = plan.paths.get(src.get("source_id"), src["source_path"])
         rows, stats = extract_faces(sources, detector(), face_thresholds(cfg), align_spec(cfg), store,
                                     min_side=cfg.ingest.min_side, max_pixels=cfg.ingest.max_pixels,
                                     log=context.log.info)

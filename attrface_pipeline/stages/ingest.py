@@ -74,7 +74,7 @@ class QuarantineError(Exception):
 @dataclass
 class SourceRecord:
     key: str
-    source_path: str
+    source_path: str  # where it was read (this machine's path, for people)
     sha256: str
     width: int
     height: int
@@ -84,6 +84,7 @@ class SourceRecord:
     status: str  # "ok" | "quarantined"
     reason: str  # "" when ok
     detail: str
+    source_id: str = ""  # the relocatable name (see source_listing): what fingerprints and the registry use
 
 
 SOURCE_SCHEMA = pa.schema(
@@ -99,6 +100,7 @@ SOURCE_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("reason", pa.string()),
         ("detail", pa.string()),
+        ("source_id", pa.string()),
     ]
 )
 
@@ -114,36 +116,82 @@ def list_sources(specs: Iterable[str], extensions: Iterable[str]) -> list[str]:
     a FIFO or a directory named like an image, or a folder the scan cannot open, so that ingest accounts for it
     with a quarantine reason instead of it vanishing from the counts.
     """
-    exts = {e.lower() for e in extensions}
-    seen: set[str] = set()
-    out: list[str] = []
+    return list(source_listing(specs, extensions))
 
-    def add(paths: Iterable[str]) -> None:
-        for p in sorted(paths):
-            p = os.path.abspath(p)
-            if p not in seen:
-                seen.add(p)
-                out.append(p)
+
+def source_listing(specs: Iterable[str], extensions: Iterable[str]) -> dict[str, str]:
+    """{absolute path: source id} of :func:`list_sources`, in its order.
+
+    A **source id** names a photo wherever the photos are mounted: ``<root label>/<path relative to the root>``,
+    where the root is the spec's folder (a glob: its folder before the first wildcard; a list file or a single
+    file: the folder holding it) and the label is the root's last path component, extended with its parents when
+    two specs share it. The chunk registry, the raw_images manifests and every fingerprint record ids, so a build
+    moved to another path, or read on a machine that mounts the photos elsewhere (``source.paths`` pointing
+    there), plans and computes nothing again. A list-file entry outside its folder keeps its absolute path as id.
+    """
+    exts = {e.lower() for e in extensions}
+    specs = list(specs)
+    out: dict[str, str] = {}
 
     def named_like_image(p: str) -> bool:
         return os.path.splitext(p)[1].lower() in exts
 
+    resolved = []
     for spec in specs:
         path = Path(spec).expanduser()
         if path.is_dir():
-            add(_scan_folder(str(path), named_like_image))
+            resolved.append((os.path.abspath(path), sorted(_scan_folder(str(path), named_like_image))))
         elif path.suffix.lower() == ".txt" and path.is_file():
             lines = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
-            add(str((path.parent / ln) if not os.path.isabs(ln) else Path(ln)) for ln in lines if ln)
+            resolved.append((os.path.abspath(path.parent), sorted(
+                str((path.parent / ln) if not os.path.isabs(ln) else Path(ln)) for ln in lines if ln)))
         elif any(ch in spec for ch in "*?["):
             # A glob selects files by its own pattern; folders it matches are sources only when named like one.
-            add(p for p in glob.glob(os.path.expanduser(spec), recursive=True)
-                if not os.path.isdir(p) or named_like_image(p))
+            parts = Path(os.path.expanduser(spec)).parts
+            stem = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), len(parts))
+            resolved.append((os.path.abspath(Path(*parts[:stem]) if stem else "."), sorted(
+                p for p in glob.glob(os.path.expanduser(spec), recursive=True)
+                if not os.path.isdir(p) or named_like_image(p))))
         elif os.path.lexists(path):  # a file, or a link/FIFO that ingest will quarantine with the reason
-            add([str(path)])
+            resolved.append((os.path.abspath(path.parent), [str(path)]))
         else:
             raise FileNotFoundError(f"source {spec!r} is not a folder, list file, glob or file")
+    labels = _root_labels([root for root, _ in resolved])
+    for (root, paths), label in zip(resolved, labels):
+        for p in paths:
+            p = os.path.abspath(p)
+            if p in out:
+                continue
+            rel = os.path.relpath(p, root)
+            out[p] = p if rel.startswith("..") else "/".join(filter(None, (label, Path(rel).as_posix())))
     return out
+
+
+def _root_labels(roots: list[str]) -> list[str]:
+    """The shortest trailing path of each root that no other (different) root shares."""
+    parts = [Path(r).parts[1:] or ("",) for r in roots]
+    labels = []
+    for i, own in enumerate(parts):
+        others = {tuple(p) for j, p in enumerate(parts) if roots[j] != roots[i]}
+        for n in range(1, len(own) + 1):
+            tail = own[-n:]
+            if not any(o[-n:] == tail for o in others):
+                break
+        labels.append("/".join(tail))
+    return labels
+
+
+def migrate_member(member: str, ids: Mapping[str, object] | set[str]) -> str:
+    """A chunk-registry member as a source id: ids pass through; an absolute path (registries written before
+    source ids) becomes the id it ends with -- the longest one listed now -- or stays as it is (a missing file)."""
+    if not os.path.isabs(member) or member in ids:
+        return member
+    parts = Path(member).parts
+    for k in range(1, len(parts)):
+        candidate = "/".join(parts[k:])
+        if candidate in ids:
+            return candidate
+    return member
 
 
 def _scan_folder(root: str, wanted: Callable[[str], bool]) -> list[str]:
@@ -399,20 +447,25 @@ def ingest_file(path: str, *, min_side: int, max_pixels: int) -> SourceRecord:
 
 
 def ingest_chunk(paths: Sequence[str], *, min_side: int, max_pixels: int,
-                 earlier: Mapping[str, str] | None = None) -> list[SourceRecord]:
+                 earlier: Mapping[str, str] | None = None, ids: Sequence[str] | None = None) -> list[SourceRecord]:
     """Ingest every path of a chunk. A photo whose content key was seen before -- earlier in this chunk, or in
-    ``earlier`` (key -> first path over all chunks before this one, see :class:`ContentIndex`) -- is quarantined as
-    a duplicate naming the first copy, so every key is published once, whichever chunk runs first."""
+    ``earlier`` (key -> first source id over all chunks before this one, see :class:`ContentIndex`) -- is
+    quarantined as a duplicate naming the first copy, so every key is published once, whichever chunk runs first.
+    ``ids``: the paths' source ids (default: the paths themselves)."""
+    ids = list(paths) if ids is None else list(ids)
+    if len(ids) != len(paths):
+        raise ValueError(f"{len(ids)} source ids for {len(paths)} paths")
     records: list[SourceRecord] = []
     first_by_key: ChainMap[str, str] = ChainMap({}, earlier or {})  # new keys go to the first map
-    for path in paths:
+    for path, source_id in zip(paths, ids):
         rec = ingest_file(path, min_side=min_side, max_pixels=max_pixels)
+        rec.source_id = source_id
         if rec.key and rec.key in first_by_key:
             if rec.status == "ok":  # a quarantined copy keeps its own reason (identical bytes, identical verdict)
                 rec.status, rec.reason = "quarantined", Reason.duplicate.value
                 rec.detail = f"same content as {first_by_key[rec.key]} (the first copy in source order)"
         elif rec.key:
-            first_by_key[rec.key] = path
+            first_by_key[rec.key] = source_id
         records.append(rec)
     return records
 
@@ -484,30 +537,34 @@ class ContentIndex:
     """
 
     def __init__(self, chunks: Mapping[str, Sequence[str]], *,
-                 manifest: Callable[[str], Sequence[Mapping] | None], cache: HashCache):
+                 manifest: Callable[[str], Sequence[Mapping] | None], cache: HashCache,
+                 resolve: Callable[[str], str] | None = None):
+        """``chunks``: {chunk: source ids}; ``resolve``: source id -> this machine's path (default: the id)."""
         self.chunks = chunks
         self.order = list(chunks)
         self.manifest = manifest
         self.cache = cache
+        self.resolve = resolve or (lambda source_id: source_id)
         self._prefix: dict[str, str] = {}
         self._prefix_chunks = 0
 
     def chunk_keys(self, chunk: str) -> dict[str, str]:
-        """{content key: first path} of one chunk (files that cannot be read have no key)."""
-        paths = list(self.chunks[chunk])
+        """{content key: first source id} of one chunk (files that cannot be read have no key)."""
+        ids = list(self.chunks[chunk])
         rows = self.manifest(chunk)
-        if rows is not None and [r["source_path"] for r in rows] == paths:
-            pairs = [(r["key"], r["source_path"]) for r in rows if r["key"]]
+        if rows is not None and [r.get("source_id") for r in rows] == ids:
+            pairs = [(r["key"], r["source_id"]) for r in rows if r["key"]]
         else:
-            digests = self.cache.digests(chunk, paths)
-            pairs = [(sample_key(digests[p]), p) for p in paths if p in digests]
+            paths = {source_id: self.resolve(source_id) for source_id in ids}
+            digests = self.cache.digests(chunk, list(paths.values()))
+            pairs = [(sample_key(digests[p]), i) for i, p in paths.items() if p in digests]
         first: dict[str, str] = {}
         for key, path in pairs:
             first.setdefault(key, path)
         return first
 
     def earlier(self, partition: str) -> dict[str, str]:
-        """{content key: first path} over every chunk before ``partition`` in source order."""
+        """{content key: first source id} over every chunk before ``partition`` in source order."""
         position = self.order.index(partition)
         if position < self._prefix_chunks:  # asked out of order: start the prefix again
             self._prefix, self._prefix_chunks = {}, 0

@@ -488,10 +488,10 @@ def test_content_index_prefers_a_matching_manifest(tmp_path, samples, monkeypatc
     src = tmp_path / "src"
     src.mkdir()
     chunks = _two_chunks(src, samples)
-    rows = [{"key": r.key, "source_path": r.source_path} for r in ingest_chunk(chunks["chunk-00000"], **LIMITS)]
+    rows = [{"key": r.key, "source_id": r.source_id} for r in ingest_chunk(chunks["chunk-00000"], **LIMITS)]
     monkeypatch.setattr(ingest, "read_source", lambda path: pytest.fail(f"{path} hashed despite the manifest"))
     index = ContentIndex(chunks, manifest=lambda c: rows if c == "chunk-00000" else None, cache=HashCache(None))
-    assert index.earlier("chunk-00001") == {r["key"]: r["source_path"] for r in rows}
+    assert index.earlier("chunk-00001") == {r["key"]: r["source_id"] for r in rows}
     monkeypatch.undo()
     stale = ContentIndex(chunks, manifest=lambda c: rows[:1], cache=HashCache(None))  # lists other paths: hashed
     assert stale.earlier("chunk-00001") == index.earlier("chunk-00001")
@@ -522,7 +522,9 @@ def test_raw_images_duplicates_across_chunks_whatever_the_partition_order(tmp_pa
     forwards = build(tmp_path / "out2", ["chunk-00000", "chunk-00001"])  # the upstream manifest is read
     assert backwards == forwards
     rows = {os.path.basename(r["source_path"]): r for m in forwards.values() for r in m}
-    assert rows["d_copy_of_a.jpg"]["reason"] == "duplicate" and str(src / "a.jpg") in rows["d_copy_of_a.jpg"]["detail"]
+    assert rows["d_copy_of_a.jpg"]["reason"] == "duplicate"
+    assert "same content as src/a.jpg" in rows["d_copy_of_a.jpg"]["detail"]  # the source id of the first copy
+    assert rows["d_copy_of_a.jpg"]["source_id"] == "src/d_copy_of_a.jpg"
     assert sorted(r["reason"] for r in rows.values()) == ["", "", "", "", "duplicate", "duplicate"]
     assert (tmp_path / "out1" / "raw_images" / "_hash_cache" / "chunk-00000.json").exists()
 
