@@ -284,8 +284,10 @@ MIN_FREE_BYTES = 64 << 20
 
 
 def list_inputs(src: Path, out_dir: Path | None = None) -> list[tuple[Path, str]]:
-    """(image path, name relative to ``src``) for a file or a folder: images found recursively (the pipeline's
-    source suffixes; hidden files and anything under ``out_dir``, when it lies inside ``src``, skipped)."""
+    """(image path, name relative to ``src``) for a file or a folder: entries named like images found recursively
+    (the pipeline's source suffixes; hidden files and anything under ``out_dir``, when it lies inside ``src``,
+    skipped). Entries that are not regular files (a dangling link, a folder named like an image) are listed too:
+    their record says why they were not restored, instead of their vanishing from the counts."""
     src = Path(src)
     if src.is_file():
         return [(src, src.name)]
@@ -295,7 +297,7 @@ def list_inputs(src: Path, out_dir: Path | None = None) -> list[tuple[Path, str]
     found = []
     for p in sorted(src.rglob("*")):
         rel = p.relative_to(src)
-        if (p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in rel.parts)
+        if (p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in rel.parts)
                 and not (skip is not None and p.resolve().is_relative_to(skip))):
             found.append((p, rel.as_posix()))
     return found
