@@ -88,3 +88,19 @@ def test_real_lq_faces_are_aligned_by_the_detector(dlib_detector):
     as_is, none_lost = bs.align_real_faces(files, detector=None, decode=_decode, size=128, reject=lambda f: "",
                                            align="as_is")
     assert len(as_is) == 3 and not none_lost and as_is[0][1].shape == (512, 512, 3)
+
+
+def test_bad_photos_are_failure_rows_never_the_end_of_a_set(dlib_detector, tmp_path):
+    good = bs.list_images([REAL_LQ], [".png"])[0]
+    strip = tmp_path / "strip.png"  # dlib's filter window cannot fit a 16 px high image
+    strip.write_bytes(cv2.imencode(".png", np.full((16, 2000, 3), 128, np.uint8))[1].tobytes())
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:300])
+    faces, failures = bs.align_real_faces([strip, broken, good], detector=dlib_detector, decode=_decode, size=128,
+                                          reject=lambda face: "")
+    reasons = {Path(f["origin"]).name: f["reason"] for f in failures}
+    assert reasons["strip.png"].startswith(("detector_failed", "no_face")) and "broken.png" in reasons
+    assert reasons["broken.png"].startswith("undecodable") and len(faces) >= 1
+    rows: list[dict] = []
+    items = list(bs.folder_items([broken, good], decode=_decode, failures=rows))
+    assert len(items) == 1 and rows[0]["reason"].startswith("undecodable")

@@ -192,3 +192,14 @@ def test_evaluate_scores_what_it_can_and_records_the_rest(tmp_path):
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert report["metrics"]["psnr"]["value"] is not None and report["failed"]
     assert all(f["reason"] and f["status"] == "failed" for f in report["failed"])
+
+
+def test_every_command_answers_as_a_module():
+    """``python -m attrface_pipeline.cli`` registers every command before it runs (restore, evaluate included)."""
+    import subprocess
+    import sys
+
+    for command in ("restore", "evaluate", "bench-gpu"):
+        done = subprocess.run([sys.executable, "-m", "attrface_pipeline.cli", command, "--help"], capture_output=True,
+                              text=True, timeout=120, cwd=PROJECT_ROOT)
+        assert done.returncode == 0 and "usage" in (done.stdout + done.stderr).lower(), (command, done.stderr[-2000:])

@@ -2,6 +2,7 @@
 the train split, stage I (I-a then I-b) and stage II as engine runs, what each changes, resume, the restore CLI."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -178,6 +179,16 @@ def test_restore_cli_on_a_real_photo_and_lq_faces(tmp_path, sd2_base, shard_dir)
     option = runner.invoke(app, ["restore", "-i", str(lq), "-o", str(tmp_path / "x"), "--model", "roboface",
                                  "--weights", str(results["stage2"].final_dir), "--condition-latent", "mean"])
     assert option.exit_code == 2 and "A²BFR option" in option.output
+    cut = tmp_path / "cut_run"  # a copy whose DCA weights were cut short: one line naming that file
+    shutil.copytree(results["stage2"].final_dir, cut)
+    dca = cut / "dca.safetensors"
+    dca.write_bytes(dca.read_bytes()[: dca.stat().st_size // 2])
+    truncated = runner.invoke(app, ["restore", "-i", str(lq), "-o", str(tmp_path / "y"), "--model", "roboface",
+                                    "--weights", str(cut), "--base", str(sd2_base)])
+    assert truncated.exit_code == 1 and f"{dca}: not a readable safetensors file" in truncated.output
+    as_a2bfr = runner.invoke(app, ["restore", "-i", str(lq), "-o", str(tmp_path / "z"), "--model", "a2bfr",
+                                   "--weights", str(results["stage2"].final_dir)])
+    assert as_a2bfr.exit_code == 1 and "is a RoboFace run" in as_a2bfr.output and "--model roboface" in as_a2bfr.output
 
 
 def test_run_folders_follow_what_each_stage_depends_on(tmp_path, shard_dir, captions_file):
