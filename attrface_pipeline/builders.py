@@ -303,7 +303,16 @@ def build_eval_scorers(cfg: PipelineConfig, metrics: list[str] | None = None):
                 if {"ids", "cp_ids"} & set(metrics) else unused)
     iqa = {m: _scorer_or_reason(m, lambda m=m: NoReferenceIQA(m, device=device)) for m in NR_METRICS if m in metrics}
     judge = build_judge(cfg) if {"sc", "aa"} & set(metrics) else unused
-    return Scorers(lpips=lpips, fid=fid, identity=identity, iqa=iqa, judge=judge, batch_size=e.batch_size)
+    untrained = "{} from an untrained network ({}): not comparable with published numbers"
+    caveats = {}
+    if (e.lpips_weights or "").startswith("tiny/"):
+        caveats["lpips"] = untrained.format("LPIPS", e.lpips_weights)
+    if (e.fid_weights or "").startswith("tiny/"):
+        caveats["fid"] = untrained.format("FID", e.fid_weights)
+    if cfg.qc.identity_backend == "arcface" and cfg.models.insightface_pack.startswith("tiny/"):
+        caveats["ids"] = caveats["cp_ids"] = untrained.format("identity", cfg.models.insightface_pack)
+    return Scorers(lpips=lpips, fid=fid, identity=identity, iqa=iqa, judge=judge, batch_size=e.batch_size,
+                   caveats=caveats)
 
 
 def build_judge(cfg: PipelineConfig):
@@ -350,6 +359,8 @@ def build_eval_methods(cfg: PipelineConfig, weights: dict[str, str | None]):
             continue
         steps = e.a2bfr_steps if name == "a2bfr" else e.roboface_steps
         model_id = f"{base} + {folder} (steps {steps or 'default'}, seed {e.seed}, {dtype})"
+        caveat = (f"{name} on the tiny random {base}: not comparable with published numbers"
+                  if base.startswith("tiny/") else "")
 
         def load(name=name, folder=folder, base=base, steps=steps):
             base_path = ModelStore.from_config(cfg).resolve(base)
@@ -359,7 +370,7 @@ def build_eval_methods(cfg: PipelineConfig, weights: dict[str, str | None]):
                 from training.roboface.restore import build_restorer
             return build_restorer(base_path, folder, device=device, dtype=dtype, steps=steps, seed=e.seed)
 
-        methods.append(Method(name, "model", model_id, prompted=True, load=load))
+        methods.append(Method(name, "model", model_id, prompted=True, load=load, caveat=caveat))
     return methods + external_methods(e.external)
 
 

@@ -8,7 +8,9 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(help="AttrFace tools. The dataset itself is built by Dagster: see README.", no_args_is_help=True)
+# rich_markup_mode=None: help texts print as written (square brackets such as "[iqa]" are text, not markup)
+app = typer.Typer(help="AttrFace tools. The dataset itself is built by Dagster: see README.", no_args_is_help=True,
+                  rich_markup_mode=None)
 
 
 @app.command("make-tiny-models")
@@ -34,6 +36,44 @@ def make_tiny_models(
         typer.echo(f"{name}: wrote {target} ({size / 1e6:.1f} MB)")
 
 
+@app.command("demo")
+def demo(
+    profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
+    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+) -> None:
+    """Build the dataset (offline: the shipped sample photos, tiny models) with the build_dataset job, then say what
+    was built, where, and what to do next."""
+    import os
+    import time
+
+    from attrface_pipeline.config import PROJECT_ROOT
+    from attrface_pipeline.summary import build_summary, format_summary
+
+    files = _files(config_file)
+    cfg = _config_or_exit(profile, files)
+    os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / "dagster_home"))
+    if profile:
+        os.environ["ATTRFACE_PROFILE"] = profile
+    if files:  # the code location reads the same config (partitions come from it)
+        os.environ["ATTRFACE_CONFIG"] = os.pathsep.join(str(Path(f).resolve()) for f in files)
+    import dagster as dg
+
+    from attrface_pipeline.definitions import build_dataset_job
+
+    typer.echo(f"building the dataset into {cfg.paths.data_root} (Dagster instance {os.environ['DAGSTER_HOME']})",
+               err=True)
+    t0 = time.perf_counter()
+    with dg.DagsterInstance.get() as instance:
+        result = dg.execute_job(dg.reconstructable(build_dataset_job), instance=instance, raise_on_error=False)
+    seconds = time.perf_counter() - t0
+    if not result.success:
+        failed = [e.step_key for e in result.all_events if e.is_step_failure]
+        typer.echo(f"error: build_dataset failed (run {result.run_id}; failed steps: {', '.join(failed) or '?'}). "
+                   f"`make ui` shows its logs", err=True)
+        raise typer.Exit(1)
+    typer.echo(format_summary(build_summary(cfg.paths.data_root), seconds))
+
+
 @app.command("config")
 def show_config(
     profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
@@ -41,8 +81,12 @@ def show_config(
 ) -> None:
     """Print the fully resolved pipeline config as JSON."""
 
-    cfg = _config_or_exit(profile, [str(p) for p in config_file] if config_file else None)
+    cfg = _config_or_exit(profile, _files(config_file))
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+
+def _files(paths: Optional[list[Path]]) -> Optional[list[str]]:
+    return [str(p) for p in paths] if paths else None
 
 
 def _config_or_exit(profile: Optional[str], files: Optional[list[str]] = None):
@@ -64,7 +108,7 @@ def check_models_command(
     """Check that every model build_dataset will load is present; list all missing ones with the fix."""
     from attrface_pipeline.models.store import ModelNotAvailableError, check_models, required_models
 
-    cfg = _config_or_exit(profile, [str(p) for p in config_file] if config_file else None)
+    cfg = _config_or_exit(profile, _files(config_file))
     steps = ["faces", "face_attributes", "edit_prompts", "edits", "qc"]
     try:
         check_models(cfg, steps)
@@ -103,13 +147,14 @@ def init_instance(
 def resolve_model(
     spec: str = typer.Argument(..., help="hub id, local path, tiny/<name> or insightface pack name"),
     profile: Optional[str] = typer.Option(None),
+    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
 ) -> None:
     """Resolve a model spec to a local directory (generating tiny models on first use)."""
-    from attrface_pipeline.config import load_config
     from attrface_pipeline.models.store import ModelNotAvailableError, ModelStore
 
+    cfg = _config_or_exit(profile, _files(config_file))
     try:
-        typer.echo(str(ModelStore.from_config(load_config(profile)).resolve(spec)))
+        typer.echo(str(ModelStore.from_config(cfg).resolve(spec)))
     except ModelNotAvailableError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -121,15 +166,15 @@ def serve_llm(
     port: int = typer.Option(8000, help="port on 127.0.0.1 (the default verbalize.vllm.base_url uses 8000)"),
     name: Optional[str] = typer.Option(None, help="served model name (default: the spec)"),
     profile: Optional[str] = typer.Option(None),
+    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
 ) -> None:
     """Run a local OpenAI-compatible vLLM server (from .venv-vllm) until Ctrl-C, for backend=vllm runs."""
     import time
 
-    from attrface_pipeline.config import load_config
     from attrface_pipeline.models.store import ModelStore
     from attrface_pipeline.models.vllm_server import VllmServer
 
-    cfg = load_config(profile)
+    cfg = _config_or_exit(profile, _files(config_file))
     server = VllmServer(ModelStore.from_config(cfg).resolve(model), name or model, port=port,
                         cache_dir=cfg.paths.cache_dir)
     typer.echo(f"starting vLLM for {model} (log: {server.log_path}) ...")
@@ -149,12 +194,12 @@ def review(
     token: Optional[str] = typer.Option(None, envvar="ATTRFACE_REVIEW_TOKEN", help="required on every request"),
     include_failed: bool = typer.Option(False, help="also show pairs that failed automatic QC"),
     profile: Optional[str] = typer.Option(None),
+    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
 ) -> None:
     """Open the human-review web app over the pairs that passed QC (decisions go to SQLite)."""
-    from attrface_pipeline.config import load_config
     from attrface_pipeline.web.review_app import serve
 
-    cfg = load_config(profile)
+    cfg = _config_or_exit(profile, _files(config_file))
     typer.echo(f"review app on http://{host}:{port}/  (decisions: {cfg.review_db}; Ctrl-C stops it)")
     try:
         serve(cfg.paths.data_root, cfg.review_db, host, port, token, include_failed)
@@ -293,14 +338,32 @@ def restore(
         raise typer.Exit(EXIT_FAILED if summary["failed"] == summary["inputs"] else EXIT_PARTIAL)
 
 
-@app.command("bench-gpu", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
-                                            "help_option_names": []})
-def bench_gpu(ctx: typer.Context) -> None:
+@app.command("bench-gpu")
+def bench_gpu(
+    model: Optional[list[str]] = typer.Option(None, help="large | medium | tiny, repeatable (default: SD3.5 Large "
+                                              "and Medium on CUDA, tiny on a CPU)"),
+    mode: Optional[list[str]] = typer.Option(None, help="eager | compiled | fp8, repeatable (default: all that run "
+                                             "here)"),
+    batch: Optional[list[int]] = typer.Option(None, help="batch sizes, repeatable (default: 1 4 8)"),
+    max_sequence_length: Optional[list[int]] = typer.Option(None, help="T5 tokens, repeatable (default: the full "
+                                                            "profile's)"),
+    resolution: int = typer.Option(512),
+    repeats: int = typer.Option(2),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
+) -> None:
     """FlowEdit cost at the full profile's parameters: SD3.5 Large/Medium from their configs with random weights on
-    CUDA (eager, compiled, float8; batch 1/4/8), the tiny model on a CPU. Options: --help."""
-    from attrface_pipeline.bench_gpu import main
+    CUDA (eager, compiled, float8; batch 1/4/8), the tiny model on a CPU."""
+    from attrface_pipeline.bench_gpu import run_benchmark, table
 
-    main(list(ctx.args), prog="attrface bench-gpu")
+    for value, allowed, name in ((model, {"large", "medium", "tiny"}, "--model"),
+                                 (mode, {"eager", "compiled", "fp8"}, "--mode")):
+        unknown = sorted(set(value or ()) - allowed)
+        if unknown:
+            raise typer.BadParameter(f"{unknown}; choose from {sorted(allowed)}", param_hint=name)
+    result = run_benchmark(model, mode, batch, max_sequence_length, resolution, repeats)
+    typer.echo(table(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2))
 
 
 @app.command("evaluate")
@@ -312,7 +375,7 @@ def evaluate(
         "(those need the [iqa] extra)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
     profile: Optional[str] = typer.Option(None),
-    config: Optional[list[str]] = typer.Option(None, "--config", help="YAML settings file(s)"),
+    config: Optional[list[str]] = typer.Option(None, "-c", "--config", help="YAML settings file(s)"),
 ) -> None:
     """Metrics of a folder of restorations against a folder of GT faces (paired by file name). A pair whose image
     cannot be read is reported and left out; exit status 0 all pairs scored, 1 nothing could be scored, 2 usage
@@ -347,6 +410,8 @@ def evaluate(
     typer.echo(f"{n} pairs" + (f" ({len(failed)} unreadable, left out)" if failed else ""))
     for metric, cell in cells.items():
         shown = f"{cell.value:.4f}" if cell.value is not None else f"n/a ({cell.note})"
+        if cell.value is not None and cell.note:  # e.g. an untrained network: said beside the number
+            shown += f"  ({cell.note})"
         typer.echo(f"{LABELS[metric]:<10} {shown}")
     if json_out is not None:
         atomic_write_json(json_out, {"pred": str(pred), "gt": str(gt), "pairs": n, "unpaired": unpaired,

@@ -136,3 +136,8 @@ defs = dg.Definitions(
     resources={"attrface": AttrFaceConfig()},
     executor=_executor(),
 )
+
+
+def build_dataset_job() -> dg.JobDefinition:
+    """The ``build_dataset`` job, for ``dg.reconstructable`` (``attrface demo`` runs it in-process)."""
+    return defs.resolve_job_def("build_dataset")

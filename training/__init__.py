@@ -1,4 +1,3 @@
-"""Training and evaluation of A2BFR and RoboFace on AttrFace shards (framework code only, no Dagster).
+"""Training and evaluation of A²BFR and RoboFace on AttrFace shards (framework code only, no Dagster)."""
 
-Populated by the training issues; the dataset factory (``attrface_pipeline``) does not import it.
-"""
+import attrface_pipeline  # noqa: F401 - its logging filters (the torchvision fallback line) apply here too

@@ -20,21 +20,23 @@ RATE_CHECKS = [f"{c}_pass_rate" for c in CHECKS]
 OVERALL_CHECK = "overall_pass_rate"
 
 
-@dg.asset(
+# A multi-asset that can be subset: a check it does not yield in a run is recorded as not executed (skipped) --
+# the truth for a check whose gate is off (qc.gate), where a "passed" result would claim what was not checked.
+@dg.multi_asset(
+    specs=[dg.AssetSpec("qc", deps=[edits], description="Automatic QC per edit pair: attribute flipped (others "
+                        "kept), identity kept, structure kept. Every score is stored; thresholds in config.",
+                        group_name="dataset", kinds={"python", "parquet"})],
     partitions_def=SOURCE_PARTITIONS,
     backfill_policy=PER_CHUNK,
-    deps=[edits],
     pool="gpu",
     op_tags=gpu_op_tags(),
-    description="Automatic QC per edit pair: attribute flipped (others kept), identity kept, structure kept. "
-    "Every score is stored; thresholds in config.",
-    group_name="dataset",
-    kinds={"python", "parquet"},
     check_specs=[dg.AssetCheckSpec(name, asset="qc", description=f"share of pairs passing the {name.split('_')[0]} "
-                                   "check (reported, not blocking)") for name in RATE_CHECKS]
+                                   "check (reported, not blocking; skipped when qc.gate leaves the check out)")
+                 for name in RATE_CHECKS]
     + [dg.AssetCheckSpec(OVERALL_CHECK, asset="qc", blocking=True,
                          description="share of pairs passing every gating check (qc.gate); below qc.min_pass_rate "
                          "the run stops before anything is published")],
+    can_subset=True,
 )
 def qc(context: dg.AssetExecutionContext, attrface: AttrFaceConfig):
     cfg = attrface.pipeline_config()
@@ -58,14 +60,17 @@ def qc(context: dg.AssetExecutionContext, attrface: AttrFaceConfig):
     seconds = sum(r.seconds for r in results)
     rates = pass_rates(rows)
     context.log.info(f"qc: {len(rows)} pairs, pass rates {rates}")
-    yield dg.MaterializeResult(metadata=qc_metadata(rows, rates, cfg, th, seconds))
+    yield dg.MaterializeResult(asset_key="qc", metadata=qc_metadata(rows, rates, cfg, th, seconds))
     for check in CHECKS:
+        if check not in cfg.qc.gate:  # not gating: left unexecuted (skipped); its rate is in the metadata
+            context.log.info(f"qc: {check}_pass_rate skipped (qc.gate {cfg.qc.gate} leaves it out)")
+            continue
         yield dg.AssetCheckResult(
-            check_name=f"{check}_pass_rate", passed=True, severity=dg.AssetCheckSeverity.WARN,
+            asset_key="qc", check_name=f"{check}_pass_rate", passed=True, severity=dg.AssetCheckSeverity.WARN,
             metadata={"pass_rate": round(rates[check], 4), "pairs": len(rows)},
         )
     yield dg.AssetCheckResult(
-        check_name=OVERALL_CHECK, passed=rates["overall"] >= cfg.qc.min_pass_rate,
+        asset_key="qc", check_name=OVERALL_CHECK, passed=rates["overall"] >= cfg.qc.min_pass_rate,
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={"pass_rate": round(rates["overall"], 4), "floor": cfg.qc.min_pass_rate, "pairs": len(rows)},
         description=None if rates["overall"] >= cfg.qc.min_pass_rate else

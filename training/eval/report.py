@@ -149,6 +149,7 @@ class Method:
     load: Callable[[], RestoreFn] | None = None
     folder: Path | None = None
     unavailable: str = ""
+    caveat: str = ""  # why its numbers are not comparable with the papers' (a tiny model), shown in every table
 
     @property
     def tag(self) -> str:
@@ -263,6 +264,8 @@ class Scorers:
     iqa: dict[str, object | str]
     judge: object | str
     batch_size: int = 8
+    # metric -> why its values are not comparable with published numbers (untrained or tiny networks)
+    caveats: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -273,8 +276,17 @@ class Cell:
 
 
 def _mean(values: np.ndarray) -> float:
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if len(finite) else float("nan")
+    """Mean over the pairs that have a value (NaN: none); +inf (PSNR of identical images) stays inf."""
+    known = values[~np.isnan(values)]
+    return float(known.mean()) if len(known) else float("nan")
+
+
+def _with_caveats(cells: dict[str, Cell], scorers: Scorers) -> dict[str, Cell]:
+    """Valued cells of a metric computed by an untrained or tiny network carry the caveat as their note."""
+    for metric, cell in cells.items():
+        if cell.value is not None and metric in scorers.caveats:
+            cell.note = scorers.caveats[metric]
+    return cells
 
 
 def _scored(fn: Callable[[], tuple[float, int]]) -> Cell:
@@ -330,7 +342,7 @@ def score_restoration(metrics: Sequence[str], scorers: Scorers, preds: list[np.n
             out[metric] = _scored(lambda s=scorer: (_mean(s(preds)), len(preds)))
         elif metric == "sc" and prompts is not None:
             out[metric] = _scored(lambda s=scorer: _judged(s.consistency(preds, prompts)))
-    return out
+    return _with_caveats(out, scorers)
 
 
 def reference_features(scorers: Scorers, images: list[np.ndarray]) -> Callable[[], np.ndarray]:
@@ -367,7 +379,7 @@ def score_attribute(metrics: Sequence[str], scorers: Scorers, src_preds: list[np
             for attribute in sorted({r["attribute"] for r in rows}):
                 picked = [a for a, r in zip(answers, rows) if r["attribute"] == attribute]
                 per_attribute[attribute] = _scored(lambda p=picked: _judged(p))
-    return out, per_attribute
+    return _with_caveats(out, scorers), per_attribute
 
 
 # --- tables --------------------------------------------------------------------------------------------------------
@@ -383,12 +395,17 @@ class Table:
     columns: list[str]  # metric names (or attribute names for the AA breakdown)
     rows: list[tuple[str, dict[str, Cell]]]
     labels: dict[str, str] = field(default_factory=dict)
+    row_notes: dict[str, str] = field(default_factory=dict)  # row label -> caveat, a footnote beside the label
 
     def _cells(self) -> tuple[list[list[str]], list[str]]:
         notes: list[str] = []
         body = []
         for label, cells in self.rows:
             line = [label]
+            if self.row_notes.get(label):
+                if self.row_notes[label] not in notes:
+                    notes.append(self.row_notes[label])
+                line = [f"{label} [{notes.index(self.row_notes[label]) + 1}]"]
             for col in self.columns:
                 cell = cells.get(col)
                 if cell is None:
@@ -398,6 +415,10 @@ class Table:
                     if note not in notes:
                         notes.append(note)
                     line.append(f"n/a [{notes.index(note) + 1}]")
+                elif cell.note:  # a value with a caveat (an untrained network): said in the table itself
+                    if cell.note not in notes:
+                        notes.append(cell.note)
+                    line.append(f"{_fmt(col, cell.value)} [{notes.index(cell.note) + 1}]")
                 else:
                     line.append(_fmt(col, cell.value))
             body.append(line)
@@ -535,6 +556,7 @@ def run_report(sets: Sequence[BenchSet], methods: Sequence[Method], scorers: Sco
                         prompts=[r["source_prompt"] for r in rows] if bset.has_targets else None,
                         fid_reference=reference)
                 restoration.rows.append((method.name, cells))
+                restoration.row_notes[method.name] = method.caveat
                 _record(results, bset.name, level, method.name, "restoration", cells)
                 if not bset.has_targets:
                     continue
@@ -552,6 +574,7 @@ def run_report(sets: Sequence[BenchSet], methods: Sequence[Method], scorers: Sco
                     by_attribute[method.name] = per_attr
                     _record(results, bset.name, level, method.name, "aa_by_attribute", per_attr)
                 attribute.rows.append((method.name, cells))
+                attribute.row_notes[method.name] = method.caveat
                 _record(results, bset.name, level, method.name, "attribute", cells)
             tables.append(restoration)
             if bset.has_targets:

@@ -149,6 +149,12 @@ def test_evaluate_folders_pairs_by_name(sets, scorers, tmp_path):
     assert cells["lpips"].value < 0.05 and cells["musiq"].value is None
     with pytest.raises(ValueError, match="no image"):
         R.evaluate_folders(gt, tmp_path, scorers, metrics=["psnr"])  # tmp_path holds folders, no images
+    # a folder against itself: PSNR is infinite (not nan); the offline LPIPS network is untrained, and says so
+    same, _, _ = R.evaluate_folders(gt, gt, scorers, metrics=["psnr", "lpips"])
+    assert same["psnr"].value == float("inf") and same["lpips"].value == pytest.approx(0, abs=1e-6)
+    assert "untrained network (tiny/lpips): not comparable with published numbers" in same["lpips"].note
+    table = R.Table("t", ["psnr", "lpips"], [("identity", same)]).markdown()
+    assert "| ∞ | 0.0000 [1] |" in table and "[1] LPIPS from an untrained network" in table
 
 
 def test_judged_cells_and_aa_per_attribute(sets, tmp_path):
