@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 NEXT_STEPS = (
-    ("browse every asset, its metadata and previews", "make ui"),
-    ("train A²BFR on the shards, then restore faces with it",
-     "make train-a2bfr && attrface restore -i data/samples/lq_real -o results --weights latest"),
-    ("benchmark sets and the evaluation report", "make evaluate"),
+    ("make ui", "browse every asset, its metadata and previews in the Dagster UI"),
+    ("make train-a2bfr", "train A²BFR on these shards (offline: the tiny Flux, a few steps)"),
+    ("attrface restore -i data/samples/lq_real -o results --weights latest", "restore real LQ faces with it"),
+    ("make evaluate", "benchmark sets and the evaluation report"),
 )
 
 
@@ -50,5 +50,6 @@ def format_summary(summary: dict, seconds: float | None = None) -> str:
         "",
         "Next:",
     ]
-    lines += [f"  {command:<60} # {what}" for what, command in NEXT_STEPS]
+    for command, what in NEXT_STEPS:
+        lines += [f"  {command}", f"      {what}"]
     return "\n".join(lines)

@@ -36,8 +36,11 @@ def build(tmp_path_factory):
     cfg = tmp / "attrface.yaml"
     cfg.write_text(json.dumps({"paths": {"data_root": str(tmp / "out"), "cache_dir": str(tmp / "cache")}}))
     env = {**os.environ, "DAGSTER_HOME": str(home), "ATTRFACE_CONFIG": str(cfg)}
-    log = _execute(env, "-j", "build_dataset")
-    return tmp, env, log
+    # `make demo`: build_dataset through the attrface command, which ends with the summary
+    proc = subprocess.run([sys.executable, "-m", "attrface_pipeline.cli", "demo", "-c", str(cfg)], env=env,
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return tmp, env, proc.stdout + proc.stderr
 
 
 def test_build_dataset_materializes_every_chunk(build):
@@ -62,6 +65,9 @@ def test_build_dataset_materializes_every_chunk(build):
     finally:
         del os.environ["DAGSTER_HOME"]
     assert meta["faces_ok"].value == EXPECTED_FACES
+    # the demo's closing summary: what was built, where, and the next commands
+    assert f"-> {EXPECTED_FACES} aligned faces ->" in log and "AttrFace built in" in log
+    assert f"in {tmp / 'out' / 'attrface_shards'}" in log and "make train-a2bfr" in log and "make evaluate" in log
     assert meta["preview"].value.startswith("![preview](data:image/png;base64,")
     assert "faces: 8/8 images" in log  # progress is logged
 
