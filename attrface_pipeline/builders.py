@@ -288,7 +288,7 @@ def build_eval_scorers(cfg: PipelineConfig, metrics: list[str] | None = None):
 
     def network(spec: str | None, load, field: str):
         if spec is None:
-            raise FileNotFoundError(f"eval.{field} is not set; README (Evaluation) lists the standard weight files")
+            raise FileNotFoundError(f"eval.{field} is not set; docs/evaluation.md lists the standard weight files")
         return load(store.resolve(spec)).to(device).eval()
 
     def fid_extractor():

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 # rich_markup_mode=None: help texts print as written (square brackets such as "[iqa]" are text, not markup)
-app = typer.Typer(help="AttrFace tools. The dataset itself is built by Dagster: see README.", no_args_is_help=True,
+app = typer.Typer(help="AttrFace tools. The dataset itself is built by Dagster: see README.md and docs/.", no_args_is_help=True,
                   rich_markup_mode=None)
 
 

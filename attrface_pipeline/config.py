@@ -384,7 +384,7 @@ class JudgeConfig(_Strict):
 class EvalConfig(_Strict):
     """The ``eval_report`` asset and ``attrface evaluate``: methods x benchmark sets x metrics.
 
-    Weight files with no hub repo (LPIPS, FID Inception) are local folders; see README ("Evaluation") for the
+    Weight files with no hub repo (LPIPS, FID Inception) are local folders; see docs/evaluation.md for the
     standard files. Offline: the tiny random files in the same formats, so every code path runs.
     """
 
@@ -479,7 +479,7 @@ class PipelineConfig(_Strict):
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# What `full` changes relative to the offline defaults. Model licences: see README ("full profile").
+# What `full` changes relative to the offline defaults. Model licences: see docs/dataset.md ("Full profile").
 FULL_PROFILE: dict[str, Any] = {
     "profile": "full",
     "source": {"chunk_size": 1000, "dataset_name": "attrface"},
@@ -511,7 +511,7 @@ FULL_PROFILE: dict[str, Any] = {
                  "caption_base_url": "http://127.0.0.1:8001/v1", "mixed_precision": "bf16", "checkpoint_every": 1000,
                  "sample_faces": 4, "sample_steps": 50},
     # The papers evaluate every test face at the restorers' own step counts. LPIPS / FID Inception weights are
-    # release files, not hub repos: download them to these folders (README, "Evaluation").
+    # release files, not hub repos: download them to these folders (docs/evaluation.md).
     "eval": {"max_faces": None, "a2bfr_steps": None, "roboface_steps": None,
              "lpips_weights": "./data/cache/lpips", "fid_weights": "./data/cache/fid_inception",
              "judge": {"base_url": "http://127.0.0.1:8002/v1", "model": "Qwen/Qwen3-VL-8B-Instruct"}},

@@ -82,3 +82,20 @@ def test_make_help_lists_the_targets():
     done = subprocess.run(["make", "-s", "help"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "make demo" in done.stdout and "make test" in done.stdout, done.stderr
     assert sys.executable  # the suite's interpreter runs the rest
+
+
+def test_the_front_page_is_short_and_its_pictures_and_links_exist():
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    targets = re.findall(r"\]\(([^)#\s]+)\)", readme)
+    assert any(t.endswith(".png") or t.endswith(".jpg") for t in targets)
+    missing = [t for t in targets if not t.startswith("http") and not (PROJECT_ROOT / t).exists()]
+    assert not missing, missing
+
+
+def test_docs_describe_the_software_not_its_history():
+    history = re.compile(r"\bissues? \d+|\bthis session\b|\bthe session\b|\bnot lent\b|\bno GPU (was )?lent\b|"
+                         r"\bwhen the issue\b|\bprevious session\b", re.I)
+    found = [f"{doc.relative_to(PROJECT_ROOT)}:{n}: {line.strip()}" for doc in DOCS
+             for n, line in enumerate(doc.read_text().splitlines(), 1) if history.search(line)]
+    assert not found, "\n".join(found)

@@ -121,7 +121,7 @@ class InsightFaceDetector:
         except ImportError as e:
             raise ModuleNotFoundError(
                 "the insightface backend needs `pip install --no-deps insightface onnxruntime scikit-image` "
-                "(see README: insightface pulls opencv-python, which clashes with opencv-python-headless)"
+                "(see docs/dataset.md: insightface pulls opencv-python, which clashes with opencv-python-headless)"
             ) from e
         pack = Path(pack_dir)
         candidates = [p for g in self.DETECTOR_GLOBS for p in sorted(pack.glob(g))]
