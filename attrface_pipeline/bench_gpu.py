@@ -71,10 +71,10 @@ def build_architecture(name: str, device: torch.device, dtype: torch.dtype):
 
 def sample_faces(resolution: int, count: int) -> list[np.ndarray]:
     """``count`` square faces at ``resolution``, cycled from the shipped HQ sample photos."""
-    from attrface_pipeline.config import PROJECT_ROOT
+    from attrface_pipeline.config import SAMPLES_DIR
     from attrface_pipeline.images import read_rgb
 
-    photos = sorted((PROJECT_ROOT / "data" / "samples" / "faces" / "hq").glob("*.[jp][pn]g"))
+    photos = sorted((SAMPLES_DIR / "faces" / "hq").glob("*.[jp][pn]g"))
     return [cv2.resize(read_rgb(photos[i % len(photos)]), (resolution, resolution), interpolation=cv2.INTER_AREA)
             for i in range(count)]
 

@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 
 # rich_markup_mode=None: help texts print as written (square brackets such as "[iqa]" are text, not markup)
-app = typer.Typer(help="AttrFace tools. The dataset itself is built by Dagster: see README.md and docs/.", no_args_is_help=True,
-                  rich_markup_mode=None)
+app = typer.Typer(help="AttrFace tools. The dataset itself is built by Dagster: see README.md and docs/.",
+                  no_args_is_help=True, rich_markup_mode=None)
 
 
 @app.command("make-tiny-models")
@@ -46,12 +46,13 @@ def demo(
     import os
     import time
 
-    from attrface_pipeline.config import PROJECT_ROOT
+    from attrface_pipeline.config import HOME
     from attrface_pipeline.summary import build_summary, format_summary
 
     files = _files(config_file)
     cfg = _config_or_exit(profile, files)
-    os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / "dagster_home"))
+    if "DAGSTER_HOME" not in os.environ:  # the project's instance settings (pools, run limits, telemetry off)
+        _prepare_instance(HOME / "dagster_home")
     if profile:
         os.environ["ATTRFACE_PROFILE"] = profile
     if files:  # the code location reads the same config (partitions come from it)
@@ -119,27 +120,33 @@ def check_models_command(
         typer.echo(f"ok: models.{key} = {spec}")
 
 
-@app.command("init-instance")
-def init_instance(
-    home: Optional[Path] = typer.Option(None, envvar="DAGSTER_HOME", help="instance folder (default $DAGSTER_HOME)"),
-) -> None:
-    """Create the Dagster instance's storage once (setup does this), so first runs may start concurrently."""
+def _prepare_instance(home: Path) -> Path:
+    """The instance folder with the project's dagster.yaml (pools, run limits, telemetry off) and its storage."""
     import os
     import shutil
 
-    from attrface_pipeline.config import PROJECT_ROOT
+    from attrface_pipeline.config import DAGSTER_YAML
 
-    if home is None:
-        raise typer.BadParameter("set DAGSTER_HOME or pass --home")
     home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():  # pools, run limits, telemetry off: the project's instance settings
-        shutil.copyfile(PROJECT_ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    if not (home / "dagster.yaml").exists():
+        shutil.copyfile(DAGSTER_YAML, home / "dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(home)
     import dagster as dg
 
     with dg.DagsterInstance.get() as instance:
         instance.upgrade()  # creates (or migrates) run, event-log and schedule storage
+    return home
+
+
+@app.command("init-instance")
+def init_instance(
+    home: Optional[Path] = typer.Option(None, envvar="DAGSTER_HOME", help="instance folder (default $DAGSTER_HOME)"),
+) -> None:
+    """Create the Dagster instance's storage once (setup does this), so first runs may start concurrently."""
+    if home is None:
+        raise typer.BadParameter("set DAGSTER_HOME or pass --home")
+    home = _prepare_instance(home)
     typer.echo(f"Dagster instance ready at {home}")
 
 

@@ -25,6 +25,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from attrface_pipeline.attributes import CELEBA_ATTRIBUTES, DEFAULT_CONTROLLABLE
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Run from a checkout (editable install, `make`), the project root holds the data, configs and instance. Installed
+# from a wheel anywhere else, the package ships configs, sample photos and dagster.yaml (attrface_pipeline/_shipped,
+# links into the checkout that the wheel turns into files), and a working folder takes the checkout's place:
+# $ATTRFACE_HOME, else the current directory -- never the installed package.
+IN_CHECKOUT = (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "data" / "samples").is_dir()
+SHIPPED = Path(__file__).resolve().parent / "_shipped"
+ENV_HOME = "ATTRFACE_HOME"
+HOME = Path(os.environ.get(ENV_HOME) or (PROJECT_ROOT if IN_CHECKOUT else Path.cwd())).resolve()
+SAMPLES_DIR = PROJECT_ROOT / "data" / "samples" if IN_CHECKOUT else SHIPPED / "samples"
+CONFIGS_DIR = PROJECT_ROOT / "configs" if IN_CHECKOUT else SHIPPED / "configs"
+DAGSTER_YAML = PROJECT_ROOT / "dagster_home" / "dagster.yaml" if IN_CHECKOUT else SHIPPED / "dagster.yaml"
 PROFILES = ("offline", "full")
 ENV_CONFIG = "ATTRFACE_CONFIG"
 ENV_PROFILE = "ATTRFACE_PROFILE"
@@ -40,8 +51,8 @@ class PathsConfig(_Strict):
     copy (``work_dir``), which steps read and write while finished partitions are committed to the URL
     (attrface_pipeline/remote.py)."""
 
-    data_root: Path = Field(PROJECT_ROOT / "data" / "build", description="asset outputs: <root>/<asset>/<partition>/")
-    cache_dir: Path = Field(PROJECT_ROOT / "data" / "cache", description="model cache (hub downloads, tiny zoo)")
+    data_root: Path = Field(HOME / "data" / "build", description="asset outputs: <root>/<asset>/<partition>/")
+    cache_dir: Path = Field(HOME / "data" / "cache", description="model cache (hub downloads, tiny zoo)")
     data_url: str | None = Field(None, description="fsspec URL of the shared data root (set by giving data_root "
                                  "a URL); None for a local data root")
     work_dir: Path | None = Field(None, description="local working copy of a URL data root (default "
@@ -58,14 +69,14 @@ class PathsConfig(_Strict):
                 raise ValueError(f"data_root {url!r} and data_url {data['data_url']!r} disagree; give one")
             digest = hashlib.sha256(url.encode()).hexdigest()[:12]
             data = {**data, "data_url": url,
-                    "data_root": data.get("work_dir") or PROJECT_ROOT / "data" / "work" / digest}
+                    "data_root": data.get("work_dir") or HOME / "data" / "work" / digest}
         return data
 
 
 class SourceConfig(_Strict):
     """Where source photos come from: folders (scanned recursively), glob patterns, or ``.txt`` list files."""
 
-    paths: list[str] = Field(default_factory=lambda: [str(PROJECT_ROOT / "data" / "samples" / "faces")])
+    paths: list[str] = Field(default_factory=lambda: [str(SAMPLES_DIR / "faces")])
     extensions: list[str] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"]
     )
@@ -277,9 +288,9 @@ class BenchmarksConfig(_Strict):
     resolution: int = Field(512, ge=16, description="GT/LQ size of the folder sets (AttrFace pairs keep theirs)")
     attrface_lq_from: Literal["src", "tar"] = Field("src", description="which GT of a pair the LQ is degraded from")
     celeba_test: BenchmarkSourceConfig = Field(default_factory=lambda: BenchmarkSourceConfig(
-        paths=[str(PROJECT_ROOT / "data" / "samples" / "aligned_hq")]))
+        paths=[str(SAMPLES_DIR / "aligned_hq")]))
     real_lq: BenchmarkSourceConfig = Field(default_factory=lambda: BenchmarkSourceConfig(
-        paths=[str(PROJECT_ROOT / "data" / "samples" / "lq_real")]))
+        paths=[str(SAMPLES_DIR / "lq_real")]))
     real_lq_align: Literal["detect", "as_is"] = Field(
         "detect", description="detect + FFHQ-align every face (detect settings), or take pre-aligned crops as they are")
     preview_faces: int = Field(6, ge=0)
@@ -586,6 +597,9 @@ def _run_config_layers(data: dict[str, Any], origin: str) -> list[tuple[str, dic
 
 def _file_layers(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     path = Path(path)
+    if not path.exists() and not path.is_absolute() and path.parts[:1] == ("configs",) \
+            and (CONFIGS_DIR / path.relative_to("configs")).is_file():
+        path = CONFIGS_DIR / path.relative_to("configs")  # `-c configs/full.yaml` outside a checkout: the shipped one
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:

@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-NEXT_STEPS = (
-    ("make ui", "browse every asset, its metadata and previews in the Dagster UI"),
-    ("make train-a2bfr", "train A²BFR on these shards (offline: the tiny Flux, a few steps)"),
-    ("attrface restore -i data/samples/lq_real -o results --weights latest", "restore real LQ faces with it"),
-    ("make evaluate", "benchmark sets and the evaluation report"),
-)
+def next_steps() -> tuple[tuple[str, str], ...]:
+    """(command, what it does) after a build: make targets in a checkout, the commands they run elsewhere."""
+    from attrface_pipeline.config import IN_CHECKOUT, SAMPLES_DIR
+
+    if IN_CHECKOUT:
+        ui, train, evaluate = "make ui", "make train-a2bfr", "make evaluate"
+        lq = "data/samples/lq_real"
+    else:
+        job = "dagster job execute -m attrface_pipeline.definitions -j"
+        ui, train, evaluate = "dagster dev -m attrface_pipeline.definitions", f"{job} train_a2bfr", f"{job} evaluate"
+        lq = str(SAMPLES_DIR / "lq_real")
+    return ((ui, "browse every asset, its metadata and previews in the Dagster UI"),
+            (train, "train A²BFR on these shards (offline: the tiny Flux, a few steps)"),
+            (f"attrface restore -i {lq} -o results --weights latest", "restore real LQ faces with it"),
+            (evaluate, "benchmark sets and the evaluation report"))
 
 
 def _stats(folder: Path) -> dict:
@@ -50,6 +59,6 @@ def format_summary(summary: dict, seconds: float | None = None) -> str:
         "",
         "Next:",
     ]
-    for command, what in NEXT_STEPS:
+    for command, what in next_steps():
         lines += [f"  {command}", f"      {what}"]
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from typing import Any
 
 import dagster as dg
 
-from attrface_pipeline.config import PROJECT_ROOT
+from attrface_pipeline.config import HOME
 from attrface_pipeline.storage import atomic_write_json
 
 LAUNCH_CONFIG = "launch_config.json"
@@ -88,4 +88,4 @@ def run_training_subprocess(context: dg.AssetExecutionContext, *, module: str, c
     env.update({k: str(v) for k, v in (extra_env or {}).items()})
     context.log.info(f"training: {' '.join(cmd)}  (config: {json.dumps(config, default=str)[:500]})")
     client = client or dg.PipesSubprocessClient()
-    return client.run(context=context, command=cmd, env=env, cwd=str(cwd or PROJECT_ROOT))
+    return client.run(context=context, command=cmd, env=env, cwd=str(cwd or HOME))

@@ -73,12 +73,12 @@ def fit_vae_on_faces(vae, steps: int = VAE_FIT["steps"]) -> float:
     """Deterministic reconstruction fit (L1 + tiny KL) on random crops of data/samples/faces; returns eval L1."""
     import cv2
 
-    from attrface_pipeline.config import PROJECT_ROOT
+    from attrface_pipeline.config import SAMPLES_DIR
     from attrface_pipeline.images import read_rgb
 
     size, crop = VAE_FIT["image_size"], VAE_FIT["crop"]
     images = []
-    for path in sorted((PROJECT_ROOT / "data" / "samples" / "faces").rglob("*")):
+    for path in sorted((SAMPLES_DIR / "faces").rglob("*")):
         if path.suffix.lower() not in {".jpg", ".jpeg", ".png"}:
             continue
         rgb = read_rgb(path)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from attrface_pipeline.config import PROJECT_ROOT
+from attrface_pipeline.config import HOME, PROJECT_ROOT
 
 DEFAULT_VENV = PROJECT_ROOT / ".venv-vllm"
 ENV_VENV = "ATTRFACE_VLLM_VENV"
@@ -51,7 +51,7 @@ class VllmServer:
         self.model, self.served_name, self.host = str(model), served_name, host
         self.port = port or free_port()
         self.python = vllm_python(venv)
-        self.cache_dir = Path(cache_dir) if cache_dir else PROJECT_ROOT / "data" / "cache"
+        self.cache_dir = Path(cache_dir) if cache_dir else HOME / "data" / "cache"
         self.dtype, self.max_model_len, self.kv_cache_gib = dtype, max_model_len, kv_cache_gib
         self.log_path = Path(log_path) if log_path else self.cache_dir / "vllm" / f"server-{self.port}.log"
         self.extra_args = extra_args or []
