@@ -20,13 +20,13 @@ demo: setup  ## set up, build the sample dataset, print what was built and the n
 	$(ATTRFACE_ENV) $(VENV)/bin/attrface demo
 
 train-a2bfr:  ## train A²BFR on the published shards (Dagster job train_a2bfr)
-	$(ATTRFACE_ENV) $(VENV)/bin/dagster job execute -j train_a2bfr
+	$(ATTRFACE_ENV) $(VENV)/bin/attrface job train_a2bfr
 
 evaluate:  ## benchmark sets and the evaluation report (Dagster job evaluate)
-	$(ATTRFACE_ENV) $(VENV)/bin/dagster job execute -j evaluate
+	$(ATTRFACE_ENV) $(VENV)/bin/attrface job evaluate
 
 train-roboface:  ## train RoboFace (captions, stage I, stage II)
-	$(ATTRFACE_ENV) $(VENV)/bin/dagster job execute -j train_roboface
+	$(ATTRFACE_ENV) $(VENV)/bin/attrface job train_roboface
 
 lint:  ## ruff
 	$(VENV)/bin/ruff check .

@@ -44,7 +44,6 @@ def demo(
     """Build the dataset (offline: the shipped sample photos, tiny models) with the build_dataset job, then say what
     was built, where, and what to do next."""
     import os
-    import time
 
     from attrface_pipeline.config import HOME
     from attrface_pipeline.summary import build_summary, format_summary
@@ -53,26 +52,57 @@ def demo(
     cfg = _config_or_exit(profile, files)
     if "DAGSTER_HOME" not in os.environ:  # the project's instance settings (pools, run limits, telemetry off)
         _prepare_instance(HOME / "dagster_home")
+    typer.echo(f"building the dataset into {cfg.paths.data_root} (Dagster instance {os.environ['DAGSTER_HOME']})",
+               err=True)
+    seconds = _run_job("build_dataset", profile, files)
+    typer.echo(format_summary(build_summary(cfg.paths.data_root), seconds))
+
+
+def _run_job(name: str, profile: Optional[str], files: Optional[list[str]]) -> float:
+    """Run one of the project's jobs in-process through Dagster's Python API (the configured executor, this
+    instance); returns the wall time, or exits 1 naming the failed steps."""
+    import os
+    import time
+
+    from attrface_pipeline.config import HOME
+
+    if "DAGSTER_HOME" not in os.environ:  # the project's instance settings (pools, run limits, telemetry off)
+        _prepare_instance(HOME / "dagster_home")
     if profile:
         os.environ["ATTRFACE_PROFILE"] = profile
     if files:  # the code location reads the same config (partitions come from it)
         os.environ["ATTRFACE_CONFIG"] = os.pathsep.join(str(Path(f).resolve()) for f in files)
     import dagster as dg
 
-    from attrface_pipeline.definitions import build_dataset_job
+    from attrface_pipeline.definitions import RUNNABLE_JOBS
 
-    typer.echo(f"building the dataset into {cfg.paths.data_root} (Dagster instance {os.environ['DAGSTER_HOME']})",
-               err=True)
     t0 = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
-        result = dg.execute_job(dg.reconstructable(build_dataset_job), instance=instance, raise_on_error=False)
-    seconds = time.perf_counter() - t0
+        result = dg.execute_job(dg.reconstructable(RUNNABLE_JOBS[name]), instance=instance, raise_on_error=False)
     if not result.success:
         failed = [e.step_key for e in result.all_events if e.is_step_failure]
-        typer.echo(f"error: build_dataset failed (run {result.run_id}; failed steps: {', '.join(failed) or '?'}). "
+        typer.echo(f"error: {name} failed (run {result.run_id}; failed steps: {', '.join(failed) or '?'}). "
                    f"`make ui` shows its logs", err=True)
         raise typer.Exit(1)
-    typer.echo(format_summary(build_summary(cfg.paths.data_root), seconds))
+    return time.perf_counter() - t0
+
+
+@app.command("job")
+def job(
+    name: str = typer.Argument(..., help="build_dataset | build_benchmarks | train_a2bfr | train_roboface | "
+                               "evaluate"),
+    profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
+    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+) -> None:
+    """Run one of the project's jobs with this instance (what `make train-a2bfr`, `make evaluate` run)."""
+    from attrface_pipeline.definitions import RUNNABLE_JOBS
+
+    if name not in RUNNABLE_JOBS:
+        raise typer.BadParameter(f"unknown job {name!r}; choose from {sorted(RUNNABLE_JOBS)}")
+    files = _files(config_file)
+    _config_or_exit(profile, files)
+    seconds = _run_job(name, profile, files)
+    typer.echo(f"{name}: done in {seconds / 60:.1f} min")
 
 
 @app.command("config")

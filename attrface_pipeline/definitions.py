@@ -138,6 +138,28 @@ defs = dg.Definitions(
 )
 
 
+# Module-level job factories for ``dg.reconstructable``: ``attrface demo`` and ``attrface job`` run these jobs through
+# the Python API (the multiprocess executor needs a reconstructable job), without the superseded
+# `dagster job execute` CLI path.
 def build_dataset_job() -> dg.JobDefinition:
-    """The ``build_dataset`` job, for ``dg.reconstructable`` (``attrface demo`` runs it in-process)."""
     return defs.resolve_job_def("build_dataset")
+
+
+def build_benchmarks_job() -> dg.JobDefinition:
+    return defs.resolve_job_def("build_benchmarks")
+
+
+def train_a2bfr_job() -> dg.JobDefinition:
+    return defs.resolve_job_def("train_a2bfr")
+
+
+def train_roboface_job() -> dg.JobDefinition:
+    return defs.resolve_job_def("train_roboface")
+
+
+def evaluate_job() -> dg.JobDefinition:
+    return defs.resolve_job_def("evaluate")
+
+
+RUNNABLE_JOBS = {"build_dataset": build_dataset_job, "build_benchmarks": build_benchmarks_job,
+                 "train_a2bfr": train_a2bfr_job, "train_roboface": train_roboface_job, "evaluate": evaluate_job}
