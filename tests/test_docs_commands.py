@@ -14,8 +14,8 @@ from attrface_pipeline.cli import app
 from attrface_pipeline.config import PROJECT_ROOT
 
 DOCS = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
-CHEAP = [["--help"], ["config"], ["restore", "--help"], ["evaluate", "--help"], ["bench-gpu", "--help"], ["job", "--help"],
-         ["demo", "--help"]]
+CHEAP = [["--help"], ["config"], ["restore", "--help"], ["evaluate", "--help"], ["bench-gpu", "--help"],
+         ["job", "--help"], ["demo", "--help"]]
 
 
 def _quoted(text: str, program: str) -> list[str]:
