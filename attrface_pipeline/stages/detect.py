@@ -47,6 +47,13 @@ class FaceDetector(Protocol):
     def detect(self, image: np.ndarray) -> list[Face]: ...
 
 
+# The smallest side of the detection copy dlib's CNN is given. Measured: on copies 8 px wide or less it raises
+# RuntimeError and corrupts the heap first ("corrupted size vs. prev_size" at exit, under MALLOC_CHECK_=3 at once),
+# as a 2000x16 strip downscaled to 1024x8 or a 1x1 image does; 12 px was clean. The mmod detector finds faces of
+# about 40 px and more, so nothing detectable is lost below 32.
+MIN_DETECT_SIDE = 32
+
+
 def detection_scale(width: int, height: int, max_side: int, max_upscale: float) -> float:
     """Resize factor for the detection copy: long side to ``max_side``, enlarging at most ``max_upscale``."""
     return min(max_side / max(width, height), max_upscale)
@@ -89,6 +96,8 @@ class DlibDetector:
         check_rgb(image)
         h, w = image.shape[:2]
         scale = detection_scale(w, h, self.max_side, self.max_upscale)
+        if min(round(w * scale), round(h * scale)) < MIN_DETECT_SIDE:
+            return []  # no face fits, and dlib's CNN corrupts the heap on such inputs
         small = np.ascontiguousarray(_resized(image, scale))
         faces = []
         for det in self._cnn(small, self.upsample):

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -85,3 +87,27 @@ def test_face_rejection_reasons():
     assert face_rejection(Face(face.bbox, 0.1, lm), **kwargs) == "low_score"
     assert face_rejection(Face(np.array([0, 0, 20, 20.0]), 0.9, lm), **kwargs) == "too_small"
     assert face_rejection(Face(face.bbox, 0.9, lm / 2), **kwargs) == "eyes_too_close"
+
+
+def test_degenerate_sizes_never_reach_dlib(tmp_path):
+    """dlib's CNN corrupts the heap on detection copies a few pixels wide (a 2000x16 strip, 1x1): the detector
+    answers "no face" before calling it. In a subprocess with glibc's heap checks on, so corruption aborts there."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from attrface_pipeline.builders import build_detector\n"
+        "from attrface_pipeline.config import PipelineConfig\n"
+        "det = build_detector(PipelineConfig())\n"
+        "for h, w in [(2000, 16), (16, 2000), (1, 1), (8, 8), (100, 8), (31, 500)]:\n"
+        "    assert det.detect(np.full((h, w, 3), 128, np.uint8)) == [], (h, w)\n"
+        "print('clean')\n")
+    import attrface_pipeline
+
+    code = str(Path(attrface_pipeline.__file__).parents[1])  # the code under test, wherever it is imported from
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MALLOC_CHECK_": "3", "PYTHONPATH": code}, cwd=code)
+    assert done.returncode == 0 and "clean" in done.stdout, done.stderr[-2000:]
