@@ -43,17 +43,11 @@ def demo(
 ) -> None:
     """Build the dataset (offline: the shipped sample photos, tiny models) with the build_dataset job, then say what
     was built, where, and what to do next."""
-    import os
-
-    from attrface_pipeline.config import HOME
     from attrface_pipeline.summary import build_summary, format_summary
 
     files = _files(config_file)
     cfg = _config_or_exit(profile, files)
-    if "DAGSTER_HOME" not in os.environ:  # the project's instance settings (pools, run limits, telemetry off)
-        _prepare_instance(HOME / "dagster_home")
-    typer.echo(f"building the dataset into {cfg.paths.data_root} (Dagster instance {os.environ['DAGSTER_HOME']})",
-               err=True)
+    typer.echo(f"building the dataset into {cfg.paths.data_root}", err=True)
     seconds = _run_job("build_dataset", profile, files)
     typer.echo(format_summary(build_summary(cfg.paths.data_root), seconds))
 
@@ -68,6 +62,7 @@ def _run_job(name: str, profile: Optional[str], files: Optional[list[str]]) -> f
 
     if "DAGSTER_HOME" not in os.environ:  # the project's instance settings (pools, run limits, telemetry off)
         _prepare_instance(HOME / "dagster_home")
+    typer.echo(f"running {name} (Dagster instance {os.environ['DAGSTER_HOME']})", err=True)
     if profile:
         os.environ["ATTRFACE_PROFILE"] = profile
     if files:  # the code location reads the same config (partitions come from it)

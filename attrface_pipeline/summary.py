@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+
 def next_steps() -> tuple[tuple[str, str], ...]:
     """(command, what it does) after a build: make targets in a checkout, the commands they run elsewhere."""
     from attrface_pipeline.config import IN_CHECKOUT, SAMPLES_DIR

@@ -239,16 +239,17 @@ def find_resume_checkpoint(settings: TrainSettings) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_tree(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: leaf} (an empty nested mapping stays a leaf)."""
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_tree(v, f"{prefix}{k}."))
         return out if out or not prefix else {prefix[:-1]: {}}
     return {prefix[:-1]: value}
 
 
-def _json_normal(value: Any) -> Any:
+def json_normal(value: Any) -> Any:
     """What ``value`` reads back as from JSON (tuples become lists, paths strings)."""
     return json.loads(json.dumps(value, default=str))
 
@@ -256,7 +257,7 @@ def _json_normal(value: Any) -> Any:
 def config_differences(saved: dict, current: dict, *, allowed: Iterable[str] = RESUMABLE_CHANGES) -> list[str]:
     """Keys (dotted) whose values differ between two config trees, except keys with a part in ``allowed``."""
     allowed = set(allowed)
-    a, b = _flatten(_json_normal(saved)), _flatten(_json_normal(current))
+    a, b = flatten_tree(json_normal(saved)), flatten_tree(json_normal(current))
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key in allowed or any(part in allowed for part in key.split(".")):  # a leaf, or a whole allowed subtree

@@ -165,12 +165,16 @@ def center_face(faces: list[Face], shape: tuple[int, ...]) -> list[Face]:
     return [min(faces, key=distance)]
 
 
-def upsample(rgb: np.ndarray, upscale: float, bg_upsampler: str = "none") -> np.ndarray:
-    """The photo at ``upscale`` times its size (``rgb`` itself at 1); see the module docstring for the choices."""
+def check_upsample(upscale: float, bg_upsampler: str) -> None:
     if bg_upsampler not in BG_UPSAMPLERS:
         raise ValueError(f"bg_upsampler must be one of {sorted(BG_UPSAMPLERS)}, not {bg_upsampler!r}")
     if upscale < 1:
         raise ValueError(f"upscale must be >= 1, got {upscale}")
+
+
+def upsample(rgb: np.ndarray, upscale: float, bg_upsampler: str = "none") -> np.ndarray:
+    """The photo at ``upscale`` times its size (``rgb`` itself at 1); see the module docstring for the choices."""
+    check_upsample(upscale, bg_upsampler)
     if upscale == 1:
         return rgb
     h, w = rgb.shape[:2]
@@ -274,12 +278,11 @@ class RestoreOptions:
             raise ValueError(f"input_kind must be auto, aligned or photo, not {self.input_kind!r}")
         if self.ext not in ("auto", "png", "jpg", "webp"):
             raise ValueError(f"ext must be auto, png, jpg or webp, not {self.ext!r}")
-        upsample(np.zeros((1, 1, 3), np.uint8), self.upscale, self.bg_upsampler)  # validates both
+        check_upsample(self.upscale, self.bg_upsampler)
 
 
 SETTINGS_FILE = "settings.json"
 LOG_FILE = "restore_log.jsonl"
-OUTPUT_DIRS = ("cropped_faces", "restored_faces", "restored_imgs", "cmp")
 MIN_FREE_BYTES = 64 << 20
 
 
@@ -347,15 +350,9 @@ def _read_log(path: Path) -> dict[str, dict]:
     return records
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _check_settings(out_dir: Path, settings: dict, overwrite: bool) -> None:
     from attrface_pipeline.storage import atomic_write_json
+    from training.engine import flatten_tree, json_normal
 
     path = out_dir / SETTINGS_FILE
     if path.is_file() and not overwrite:
@@ -363,9 +360,10 @@ def _check_settings(out_dir: Path, settings: dict, overwrite: bool) -> None:
             old = json.loads(path.read_text()).get("settings", {})
         except (OSError, ValueError):
             old = None
-        if old != json.loads(json.dumps(settings, default=str)):
-            before, now = _flat(old or {}), _flat(json.loads(json.dumps(settings, default=str)))
-            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        now = json_normal(settings)
+        if old != now:
+            before, after = flatten_tree(old or {}), flatten_tree(now)
+            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
             raise ValueError(f"{out_dir} holds results made with other settings (changed: {', '.join(changed)}); "
                              f"choose another output folder or pass --overwrite to redo everything there")
     if overwrite:

@@ -146,21 +146,15 @@ def device_generator(seed: int, device: str | torch.device) -> torch.Generator:
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
 
 
-def to_unit_tensor(images, size: int | tuple[int, int] | None = None) -> torch.Tensor:
-    """PIL / HWC uint8 arrays / (B,3,H,W) tensors in [-1, 1] -> (B,3,H,W) float tensor in [-1, 1].
-
-    ``size``: side or (height, width). Images are resized with PIL's bicubic filter (the official inference's
-    ``Image.resize`` default), tensors with antialiased bicubic interpolation.
-    """
+def to_unit_tensor(images: torch.Tensor, size: int | tuple[int, int] | None = None) -> torch.Tensor:
+    """A (B,3,H,W) or (3,H,W) tensor in [-1, 1] as a batch at ``size`` (side or (height, width)), resized with
+    antialiased bicubic interpolation where it differs. Images (PIL, uint8 arrays) go through
+    :meth:`A2BFRPipeline.prepare_condition`, which resizes them as the official inference does."""
     hw = (size, size) if isinstance(size, int) else size
-    if isinstance(images, torch.Tensor):
-        x = images if images.ndim == 4 else images[None]
-        if hw is not None and tuple(x.shape[-2:]) != tuple(hw):
-            x = torch.nn.functional.interpolate(x, size=hw, mode="bicubic", antialias=True).clamp(-1, 1)
-        return x
-    pils = to_pil_list(images, hw)
-    arrays = [torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in pils]
-    return torch.stack(arrays)
+    x = images if images.ndim == 4 else images[None]
+    if hw is not None and tuple(x.shape[-2:]) != tuple(hw):
+        x = torch.nn.functional.interpolate(x, size=hw, mode="bicubic", antialias=True).clamp(-1, 1)
+    return x
 
 
 def to_pil_list(images, hw: tuple[int, int] | None = None) -> list:
