@@ -157,7 +157,8 @@ def a2bfr_train_config(cfg: PipelineConfig, *, shards: str, output_dir: str | No
                   "lora": {"rank": a.lora_rank, "alpha": a.lora_alpha}},
         "loss": {"aal_weight": a.aal_weight, "sdt_margin": a.sdt_margin, "sdt_weight": a.sdt_weight},
         "data": {"shards": shards, "mode": a.mode, "preset": a.degradation, "batch_size": a.batch_size,
-                 "num_workers": 0 if cfg.profile == "offline" else 4, "seed": 0},
+                 "num_workers": 0 if cfg.profile == "offline" else 4, "seed": 0,
+                 **({"lq_from": a.lq_from} if a.lq_from != "src" else {})},
         "samples": {"faces": a.sample_faces, "steps": a.sample_steps},
         "cache_dir": str(cfg.paths.cache_dir), "allow_download": cfg.models.allow_download,
     }
@@ -173,6 +174,44 @@ def a2bfr_train_config(cfg: PipelineConfig, *, shards: str, output_dir: str | No
 
 def _run_hash(meaning: dict) -> str:
     return hashlib.sha256(json.dumps(meaning, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+_DCA_FIELDS = {"order": "dca_order", "explicit": "explicit", "implicit": "implicit", "use_remover": "use_remover"}
+
+
+def experiment_config(cfg: PipelineConfig, experiment) -> PipelineConfig:
+    """``cfg`` with an experiment's overrides applied to its model's section (training/experiments.py)."""
+    section = getattr(cfg, experiment.model)
+    merged = type(section).model_validate({**section.model_dump(), **experiment.overrides})
+    return cfg.model_copy(update={experiment.model: merged})
+
+
+def experiment_fingerprint(cfg: PipelineConfig, experiment, *, shards: str) -> str:
+    """What an experiment trains, as a short hash: its run folder's name (two names, one fingerprint: one run)."""
+    run = experiment_run_dir(cfg, experiment, shards=shards)
+    return run.name
+
+
+def experiment_run_dir(cfg: PipelineConfig, experiment, *, shards: str):
+    """The folder an experiment trains into (A²BFR: the run; RoboFace: stage II's run, stage I's beside it)."""
+    from pathlib import Path
+
+    exp_cfg = experiment_config(cfg, experiment)
+    if experiment.model == "a2bfr":
+        return Path(a2bfr_train_config(exp_cfg, shards=shards).train.output_dir)
+    captions = str(cfg.paths.data_root / "roboface_captions" / captions_folder(exp_cfg) / "captions.parquet")
+    stage1 = roboface_train_config(exp_cfg, shards=shards, stage="stage1")
+    # step counts are not part of a run folder's name: a fixed one spares reading the train split's size
+    return Path(roboface_train_config(exp_cfg, shards=shards, stage="stage2", captions=captions, stage2_steps=1,
+                                      stage1_dir=str(Path(stage1.run.output_dir) / "stage1b" / "final"))
+                .run.output_dir)
+
+
+def captions_folder(cfg: PipelineConfig) -> str:
+    """The captions' folder name under ``<data_root>/roboface_captions``: a hash of the captioner's settings, so
+    experiments with one captioner share their captions."""
+    caption = roboface_caption_config(cfg).model_dump(mode="json")
+    return _run_hash({k: caption[k] for k in caption if k != "cache_dir"})
 
 
 def roboface_caption_config(cfg: PipelineConfig):
@@ -237,7 +276,10 @@ def roboface_train_config(cfg: PipelineConfig, *, shards: str, stage: str, capti
     stage2 = {"lr": r.stage2_lr, "batch_size": r.stage2_batch_size, "epochs": r.stage2_epochs,
               "gradient_accumulation_steps": r.stage2_accumulation, "caption_dropout": r.caption_dropout}
     caption = roboface_caption_config(cfg).model_dump(mode="json")
-    body = {"model": {**model, "stage2": stage2, "dca": {"mode": r.dca_mode}, "caption": caption}, "data": data,
+    dca = {"mode": r.dca_mode, "order": r.dca_order, "explicit": r.explicit, "implicit": r.implicit,
+           "use_remover": r.use_remover}
+    ablated = {k: v for k, v in dca.items() if k != "mode" and v != type(r).model_fields[_DCA_FIELDS[k]].default}
+    body = {"model": {**model, "stage2": stage2, "dca": dca, "caption": caption}, "data": data,
             "stage": stage, "captions": captions, "empty_caption": r.empty_caption,
             "samples": {"faces": r.sample_faces, "steps": r.sample_steps},
             "cache_dir": str(cfg.paths.cache_dir), "allow_download": cfg.models.allow_download}
@@ -247,7 +289,9 @@ def roboface_train_config(cfg: PipelineConfig, *, shards: str, stage: str, capti
         body["stage1_dir"] = str(stage1_dir or stage1_run / "stage1b" / "final")
         digest = (hashlib.sha256(Path(captions).read_bytes()).hexdigest() if captions and Path(captions).is_file()
                   else None)
-        meaning = {"stage1": body["stage1_dir"], "stage2": stage2, "dca": r.dca_mode, "captions": digest,
+        # the paper's decoupled cross-attention is named by its mode alone (run folders of earlier versions stay)
+        meaning = {"stage1": body["stage1_dir"], "stage2": stage2, "dca": {"mode": r.dca_mode, **ablated}
+                   if ablated else r.dca_mode, "captions": digest,
                    "caption": {k: caption[k] for k in ("backend", "prompt")}, "empty_caption": r.empty_caption,
                    "precision": r.mixed_precision}
         run = root / f"stage2-{_run_hash(meaning)}"
@@ -371,6 +415,46 @@ def build_eval_methods(cfg: PipelineConfig, weights: dict[str, str | None]):
             return build_restorer(base_path, folder, device=device, dtype=dtype, steps=steps, seed=e.seed)
 
         methods.append(Method(name, "model", model_id, prompted=True, load=load, caveat=caveat))
+    return methods + external_methods(e.external)
+
+
+def build_baseline_methods(cfg: PipelineConfig, a2bfr_weights: str | None, *, names=("bicubic", "identity",
+                           "restore_then_edit")):
+    """The reproduction's baselines that need no one else's weights: bicubic, identity and restore-then-edit
+    (A²BFR's prompt-agnostic restoration with ``a2bfr_weights``, then the project's FlowEdit to the target prompt),
+    then ``eval.external``'s folders."""
+    from pathlib import Path
+
+    from training.a2bfr.pipeline import DEFAULT_PROMPT
+    from training.eval.report import Method, baseline_methods, external_methods, restore_then_edit
+
+    e = cfg.eval
+    device = resolve_device(e.device)
+    dtype = resolve_dtype("auto", device)
+    methods = baseline_methods([n for n in names if n in ("bicubic", "identity")], bicubic_factor=e.bicubic_factor)
+    if "restore_then_edit" in names:
+        edit = cfg.edit
+        model_id = (f"{cfg.models.flux} + {a2bfr_weights} ({DEFAULT_PROMPT!r}, steps {e.a2bfr_steps or 'default'}) "
+                    f"-> FlowEdit {cfg.models.sd3} ({edit.resolution} px, {edit.steps} steps, n_max {edit.n_max}, "
+                    f"seed {edit.seed})")
+        tiny = [m for m in (cfg.models.flux, cfg.models.sd3) if m.startswith("tiny/")]
+        caveat = (f"restore-then-edit on the tiny random {' and '.join(tiny)}: not comparable with published numbers"
+                  if tiny else "")
+
+        def load():
+            from training.a2bfr.restore import build_restorer
+
+            store = ModelStore.from_config(cfg)
+            restorer = build_restorer(store.resolve(cfg.models.flux), a2bfr_weights, device=device, dtype=dtype,
+                                      steps=e.a2bfr_steps, seed=e.seed)
+            return restore_then_edit(restorer, build_editor(cfg), flowedit_params(edit), prompt=DEFAULT_PROMPT,
+                                     resolution=edit.resolution, seed=edit.seed)
+
+        missing = ("" if a2bfr_weights and Path(a2bfr_weights).exists() else
+                   "no A²BFR weights for the restore stage: train the default experiment (train_a2bfr) or cache the "
+                   "release (models.a2bfr_release)")
+        methods.append(Method("restore_then_edit", "baseline", model_id, prompted=True, load=load, caveat=caveat,
+                              unavailable=missing, source_prompts=True))
     return methods + external_methods(e.external)
 
 

@@ -85,7 +85,7 @@ def _run_job(name: str, profile: Optional[str], files: Optional[list[str]]) -> f
 @app.command("job")
 def job(
     name: str = typer.Argument(..., help="build_dataset | build_benchmarks | train_a2bfr | train_roboface | "
-                               "evaluate"),
+                               "evaluate | a2bfr_experiment | roboface_experiment | reproduce_report | reproduce"),
     profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
     config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
 ) -> None:
@@ -98,6 +98,40 @@ def job(
     _config_or_exit(profile, files)
     seconds = _run_job(name, profile, files)
     typer.echo(f"{name}: done in {seconds / 60:.1f} min")
+
+
+@app.command("reproduce")
+def reproduce_command(
+    list_only: bool = typer.Option(False, "--list", help="show the runs and their estimated cost; run nothing"),
+    profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
+    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+) -> None:
+    """Reproduce the papers: dataset, benchmark sets, every selected experiment, then the papers' tables."""
+    from attrface_pipeline.assets.reproduce import plan_runs
+
+    files = _files(config_file)
+    cfg = _config_or_exit(profile, files)
+    try:
+        runs = plan_runs(cfg)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"reproduce ({cfg.profile} profile): {len(runs)} runs, in order")
+    typer.echo(f"{'job':<22}{'experiment':<18}{'fingerprint':<22}{'GPU-h (H100)':>13}  what")
+    for r in runs:
+        hours = "-" if r["gpu_hours"] is None else f"{r['gpu_hours']:.1f}"
+        typer.echo(f"{r['job']:<22}{r['partition'] or '':<18}{r['fingerprint'] or '':<22}{hours:>13}  {r['what']}")
+    if cfg.profile == "full":
+        total = sum(r["gpu_hours"] or 0 for r in runs)
+        typer.echo(f"training: about {total:.0f} GPU-hours on H100s (from the benchmark figures in "
+                   f"docs/benchmarks.md; dataset editing and evaluation come on top)")
+    else:
+        typer.echo("offline: the tiny models on this machine's CPU (a few minutes per experiment)")
+    if list_only:
+        return
+    seconds = _run_job("reproduce", profile, files)
+    typer.echo(f"reproduce: done in {seconds / 60:.1f} min; the tables: "
+               f"{cfg.paths.data_root / 'eval' / 'paper' / 'paper_tables.md'}")
 
 
 @app.command("config")

@@ -316,6 +316,9 @@ class A2BFRConfig(_Strict):
     """
 
     mode: Literal["single", "dual"] = Field("dual", description="dual: semantic dual-training on src/tar pairs")
+    lq_from: Literal["src", "tar", "random"] = Field(
+        "src", description="which face of a pair is trained on in single mode and degraded into the LQ (src: the "
+        "real photos only; random: both faces of every pair)")
     resolution: int = Field(64, ge=16, description="square training size (multiple of 16)")
     max_steps: int = Field(20, ge=1)
     batch_size: int = Field(2, ge=1, description="per process")
@@ -351,6 +354,11 @@ class RoboFaceSection(_Strict):
     resolution: int = Field(64, ge=16, description="square training size (multiple of 8)")
     num_tokens: int = Field(30, ge=1, description="N implicit tokens")
     dca_mode: Literal["sequential", "parallel"] = "sequential"
+    dca_order: Literal["text_first", "implicit_first"] = Field(
+        "text_first", description="which context a decoupled cross-attention layer attends first")
+    explicit: bool = Field(True, description="false: no explicit text (empty captions in training and restoration)")
+    implicit: bool = Field(True, description="false: no implicit tokens in stage II (the decoupled branch is unused)")
+    use_remover: bool = Field(True, description="false: stage II takes the Mapper's LQ tokens without the Remover")
     image_encoder: str | None = Field(None, description="CLIP vision model spec; None: the base folder's")
     image_encoder_subfolder: str | None = "image_encoder"
     stage1a_steps: int = Field(4, ge=1)
@@ -440,6 +448,21 @@ class EvalConfig(_Strict):
         return self
 
 
+class ExperimentsConfig(_Strict):
+    """Named experiments (training/experiments.py): the shipped papers' rows (configs/experiments.yaml) plus
+    ``files``; ``a2bfr`` / ``roboface`` pick what the ``reproduce`` job trains and evaluates (``["all"]``: every
+    defined one). Every defined experiment is a partition of the training and evaluation assets."""
+
+    files: list[Path] = Field(default_factory=list, description="YAML files of more experiments (same shape as "
+                              "configs/experiments.yaml); a name defined again replaces the shipped one")
+    a2bfr: list[str] = Field(default_factory=lambda: ["full", "baseline"], description="A²BFR experiments to run")
+    roboface: list[str] = Field(default_factory=lambda: ["full", "no_remover"],
+                                description="RoboFace experiments to run")
+    default: dict[str, str] = Field(default_factory=lambda: {"a2bfr": "full", "roboface": "full"},
+                                    description="the experiment train_a2bfr / train_roboface, evaluate and "
+                                    "`attrface restore --weights latest` use when none is named")
+
+
 class ModelsConfig(_Strict):
     """Model specs: a hub id (``org/name`` or ``org/name@revision``), a local directory, or ``tiny/<name>``."""
 
@@ -470,6 +493,7 @@ class PipelineConfig(_Strict):
     a2bfr: A2BFRConfig = Field(default_factory=A2BFRConfig)
     roboface: RoboFaceSection = Field(default_factory=RoboFaceSection)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    experiments: ExperimentsConfig = Field(default_factory=ExperimentsConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
 
     @field_validator("profile")
@@ -526,6 +550,8 @@ FULL_PROFILE: dict[str, Any] = {
     "eval": {"max_faces": None, "a2bfr_steps": None, "roboface_steps": None,
              "lpips_weights": "./data/cache/lpips", "fid_weights": "./data/cache/fid_inception",
              "judge": {"base_url": "http://127.0.0.1:8002/v1", "model": "Qwen/Qwen3-VL-8B-Instruct"}},
+    # Every shipped experiment of both papers (training/experiments.py).
+    "experiments": {"a2bfr": ["all"], "roboface": ["all"]},
     "models": {
         "sd3": "stabilityai/stable-diffusion-3.5-large",
         "flux": "black-forest-labs/FLUX.1-dev",

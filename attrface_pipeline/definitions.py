@@ -9,6 +9,13 @@ Jobs:
 - ``build_benchmarks``: the fixed evaluation sets (``attrface_test``, ``celeba_test_levels``, ``real_lq``).
 - ``train_roboface``: RoboFace's captions, stage I (Mapper, Remover) and stage II (ControlNet + DCA).
 - ``train_a2bfr``: the A²BFR LoRA on the published shards (``a2bfr_lora``; offline: the tiny Flux, a few steps).
+  Both train the default experiment (``experiments.default``) unless ``--tags '{"dagster/partition": NAME}'`` names
+  another; a UI backfill of several experiment partitions trains each in its own run.
+- ``a2bfr_experiment`` / ``roboface_experiment``: one experiment trained and evaluated (partitioned like the above).
+- ``evaluate``: the evaluation report of the default experiments and the baselines.
+- ``reproduce_report``: the baselines and the papers' tables from whatever experiments were evaluated.
+- ``reproduce``: photos -> dataset -> benchmark sets -> every selected experiment -> the papers' tables, each step a
+  Dagster run of the jobs above (``attrface reproduce --list`` shows the plan and its cost).
 """
 
 import os
@@ -19,15 +26,18 @@ from attrface_pipeline.assets.a2bfr import a2bfr_lora
 from attrface_pipeline.assets.attributes import edit_prompts, face_attributes
 from attrface_pipeline.assets.benchmarks import attrface_test, celeba_test_levels, real_lq
 from attrface_pipeline.assets.edits import edits
-from attrface_pipeline.assets.evaluation import eval_report
+from attrface_pipeline.assets.evaluation import a2bfr_eval, baseline_eval, eval_report, roboface_eval
+from attrface_pipeline.assets.experiments import DEFINED
 from attrface_pipeline.assets.identity import face_identities
 from attrface_pipeline.assets.ingest import faces, raw_images
 from attrface_pipeline.assets.partitions import SOURCE_PARTITIONS
 from attrface_pipeline.assets.publish import attrface_shards, dataset_card
 from attrface_pipeline.assets.qc import qc
+from attrface_pipeline.assets.reproduce import paper_report, reproduce_runs
 from attrface_pipeline.assets.roboface import roboface_captions, roboface_model, roboface_stage1
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.run_guard import guarded_executor
+from attrface_pipeline.config import load_config
 from attrface_pipeline.models.store import check_models
 
 CHUNK_ASSETS = [raw_images, faces, face_identities, face_attributes, edit_prompts, edits, qc]
@@ -35,7 +45,7 @@ PUBLISH_ASSETS = [attrface_shards, dataset_card]
 DATASET_ASSETS = CHUNK_ASSETS + PUBLISH_ASSETS
 BENCHMARK_ASSETS = [attrface_test, celeba_test_levels, real_lq]
 MODEL_ASSETS = [a2bfr_lora, roboface_captions, roboface_stage1, roboface_model]
-EVAL_ASSETS = [eval_report]
+EVAL_ASSETS = [eval_report, a2bfr_eval, roboface_eval, baseline_eval, paper_report]
 
 
 def _all_chunks_tags() -> dict[str, str]:
@@ -78,21 +88,62 @@ build_benchmarks = dg.define_asset_job(
     "degradation level, and real LQ faces (after build_dataset for attrface_test).",
 )
 
+def _default_experiment(model: str) -> dict[str, str]:
+    """The partition tag of the default experiment, so the training jobs run without naming one."""
+    try:
+        name = load_config().experiments.default[model]
+    except Exception:  # noqa: BLE001 - a bad config is reported by the partitions loader
+        name = "full"
+    return {"dagster/partition": name} if name in DEFINED[model] else {}
+
+
 train_a2bfr = dg.define_asset_job(
     "train_a2bfr",
     selection=[a2bfr_lora],
-    description="Train the A²BFR LoRA on the published shards (after build_dataset); resumes an interrupted run.",
+    tags=_default_experiment("a2bfr"),
+    description="Train the A²BFR LoRA on the published shards (after build_dataset); resumes an interrupted run. "
+    "The default experiment unless the dagster/partition tag names another.",
 )
 
 train_roboface = dg.define_asset_job(
     "train_roboface",
     selection=[roboface_captions, roboface_stage1, roboface_model],
-    description="Train RoboFace (captions, stage I, stage II) on the published shards (after build_dataset); resumes.",
+    tags=_default_experiment("roboface"),
+    description="Train RoboFace (captions, stage I, stage II) on the published shards (after build_dataset); resumes. "
+    "The default experiment unless the dagster/partition tag names another.",
 )
+
+a2bfr_experiment = dg.define_asset_job(
+    "a2bfr_experiment",
+    selection=[a2bfr_lora, a2bfr_eval],
+    tags=_default_experiment("a2bfr"),
+    description="Train and evaluate one A²BFR experiment (its partition; after build_dataset and build_benchmarks).",
+)
+
+roboface_experiment = dg.define_asset_job(
+    "roboface_experiment",
+    selection=[roboface_captions, roboface_stage1, roboface_model, roboface_eval],
+    tags=_default_experiment("roboface"),
+    description="Train and evaluate one RoboFace experiment (its partition; after build_dataset and "
+    "build_benchmarks).",
+)
+
+reproduce_report = dg.define_asset_job(
+    "reproduce_report",
+    selection=[baseline_eval, paper_report],
+    description="The baselines (bicubic, identity, restore-then-edit, external folders) and the papers' tables from "
+    "every evaluated experiment.",
+)
+
+
+@dg.job(executor_def=dg.in_process_executor, description="Photos -> dataset -> benchmark sets -> every selected "
+        "experiment (train + evaluate) -> the papers' tables; each step runs as its own Dagster run.")
+def reproduce():
+    reproduce_runs()
 
 evaluate = dg.define_asset_job(
     "evaluate",
-    selection=EVAL_ASSETS,
+    selection=[eval_report],
     description="The evaluation report: every configured method on every benchmark set, tables beside the papers' "
     "(after build_benchmarks; trained models are used when train_a2bfr / train_roboface have run).",
 )
@@ -132,7 +183,7 @@ def _executor() -> dg.ExecutorDefinition:
 defs = dg.Definitions(
     assets=DATASET_ASSETS + BENCHMARK_ASSETS + MODEL_ASSETS + EVAL_ASSETS,
     jobs=[build_dataset, build_dataset_chunk, publish_dataset, build_benchmarks, train_a2bfr, train_roboface,
-          evaluate],
+          evaluate, a2bfr_experiment, roboface_experiment, reproduce_report, reproduce],
     resources={"attrface": AttrFaceConfig()},
     executor=_executor(),
 )
@@ -161,5 +212,23 @@ def evaluate_job() -> dg.JobDefinition:
     return defs.resolve_job_def("evaluate")
 
 
+def a2bfr_experiment_job() -> dg.JobDefinition:
+    return defs.resolve_job_def("a2bfr_experiment")
+
+
+def roboface_experiment_job() -> dg.JobDefinition:
+    return defs.resolve_job_def("roboface_experiment")
+
+
+def reproduce_report_job() -> dg.JobDefinition:
+    return defs.resolve_job_def("reproduce_report")
+
+
+def reproduce_job() -> dg.JobDefinition:
+    return defs.resolve_job_def("reproduce")
+
+
 RUNNABLE_JOBS = {"build_dataset": build_dataset_job, "build_benchmarks": build_benchmarks_job,
-                 "train_a2bfr": train_a2bfr_job, "train_roboface": train_roboface_job, "evaluate": evaluate_job}
+                 "train_a2bfr": train_a2bfr_job, "train_roboface": train_roboface_job, "evaluate": evaluate_job,
+                 "a2bfr_experiment": a2bfr_experiment_job, "roboface_experiment": roboface_experiment_job,
+                 "reproduce_report": reproduce_report_job, "reproduce": reproduce_job}

@@ -89,3 +89,44 @@ def loss_curve_png(rows: Sequence[dict], keys: Sequence[str] = ("loss",), title:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     return _png(fig)
+
+
+def overlaid_curves_png(series: dict[str, Sequence[dict]], key: str = "loss", title: str = "training loss",
+                        smoothing: float = 0.9) -> bytes:
+    """One EMA line of ``row[key]`` against ``row["step"]`` per named series, on one panel (runs side by side)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
+    for name, rows in series.items():
+        points = [(float(r["step"]), float(r[key])) for r in rows
+                  if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, _ema(values, smoothing), linewidth=1.4, label=name)
+    if ax.lines:
+        ax.legend(fontsize=7, loc="upper right")
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_ylabel(f"{key} (EMA {smoothing})", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def metric_by_level_png(values: dict[str, dict[str, dict[str, float]]], levels: Sequence[str],
+                        title: str = "metrics against degradation level") -> bytes:
+    """One panel per metric: each method's value at each level ({metric: {method: {level: value}}})."""
+    metrics = list(values)
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(3.4 * max(1, len(metrics)), 2.9), dpi=100,
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for method, by_level in values[metric].items():
+            xs = [i for i, lv in enumerate(levels) if math.isfinite(by_level.get(lv, float("nan")))]
+            if xs:
+                ax.plot(xs, [by_level[levels[i]] for i in xs], marker="o", linewidth=1.2, label=method)
+        ax.set_xticks(range(len(levels)), list(levels), fontsize=7)
+        ax.set_title(metric, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)

@@ -29,7 +29,8 @@ from attrface_pipeline.config import PROJECT_ROOT
 DEPLOY = PROJECT_ROOT / "deploy"
 MANIFESTS = ("storage.yaml", "attrface-config.yaml", "vllm.yaml")
 K8S_VERSION = latest_version()
-GPU_ASSETS = {"face_attributes", "edits", "qc", "a2bfr_lora", "roboface_stage1", "roboface_model", "eval_report"}
+GPU_ASSETS = {"face_attributes", "edits", "qc", "a2bfr_lora", "roboface_stage1", "roboface_model", "eval_report",
+              "a2bfr_eval", "roboface_eval", "baseline_eval"}
 TRAINING_ASSETS = {"a2bfr_lora": "a2bfr", "roboface_stage1": "roboface", "roboface_model": "roboface"}
 
 
@@ -210,8 +211,11 @@ def test_values_hold_no_password_and_one_run_limit(values):
 # -- the real assets' GPU op tags and the step pods built from them ----------------------------------------------------
 
 def test_code_location_uses_the_k8s_executor(code_location):
+    # reproduce only launches the other jobs' runs (each on the k8s executor), in its run worker
+    assert code_location["executors"].pop("reproduce") == "in_process"
     assert set(code_location["executors"].values()) == {"k8s"}
-    assert {"build_dataset", "build_dataset_chunk", "train_a2bfr"} <= set(code_location["executors"])
+    assert {"build_dataset", "build_dataset_chunk", "train_a2bfr", "a2bfr_experiment"} <= set(
+        code_location["executors"])
 
 
 def _gpu_tag(tags: dict) -> dict:

@@ -4,6 +4,9 @@ The asset writes the training config and runs ``training.a2bfr.train`` as an ``a
 through Dagster Pipes, so the same asset trains on 1 or 8 GPUs (``a2bfr.num_processes``); the trainer reports the
 loss curve, the sample grid and the checkpoint path back as materialization metadata. Re-materializing with the
 same settings resumes the run folder's latest checkpoint (a finished run returns at once).
+
+One partition per A²BFR experiment (assets/experiments.py): the experiment's overrides are applied to the ``a2bfr``
+section, and the run folder is named by the resolved config, so two experiments with one config train once.
 """
 
 from pathlib import Path
@@ -12,10 +15,11 @@ from typing import Optional
 import dagster as dg
 
 from attrface_pipeline.assets.common import gpu_op_tags, training_gpus
+from attrface_pipeline.assets.experiments import A2BFR_EXPERIMENTS, ONE_PER_RUN, experiment_for, experiment_metadata
 from attrface_pipeline.assets.publish import PUBLISH_DIR, attrface_shards
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.training import run_training_subprocess
-from attrface_pipeline.builders import a2bfr_train_config
+from attrface_pipeline.builders import a2bfr_train_config, experiment_config
 from attrface_pipeline.remote import synced
 
 
@@ -35,6 +39,8 @@ class A2BFRRun(dg.Config):
 
 @dg.asset(
     deps=[attrface_shards],
+    partitions_def=A2BFR_EXPERIMENTS,
+    backfill_policy=ONE_PER_RUN,
     description="A²BFR LoRA (Flux + condition tokens, attribute-aware loss, semantic dual-training) trained on the "
     "published shards; diffusers-format LoRA + a2bfr_config.json, loss curve and sample grid in the metadata.",
     group_name="models",
@@ -44,6 +50,8 @@ class A2BFRRun(dg.Config):
 )
 def a2bfr_lora(context: dg.AssetExecutionContext, attrface: AttrFaceConfig, config: A2BFRRun) -> dg.MaterializeResult:
     cfg = attrface.pipeline_config()
+    experiment = experiment_for(context, cfg, "a2bfr")
+    cfg = experiment_config(cfg, experiment)
     overrides = config.model_dump(exclude={"output_dir"})
     train_cfg = a2bfr_train_config(cfg, shards=str(cfg.paths.data_root / PUBLISH_DIR), output_dir=config.output_dir,
                                    **overrides)
@@ -54,4 +62,5 @@ def a2bfr_lora(context: dg.AssetExecutionContext, attrface: AttrFaceConfig, conf
         results = run_training_subprocess(context, module="training.a2bfr.train",
                                           config=train_cfg.model_dump(mode="json"), output_dir=run_dir,
                                           num_processes=processes)
-    return results.get_materialize_result()
+    result = results.get_materialize_result()
+    return result._replace(metadata={**(result.metadata or {}), **experiment_metadata(experiment, run_dir)})

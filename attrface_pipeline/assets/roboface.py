@@ -1,13 +1,17 @@
 """Dagster assets of RoboFace (logic in training/roboface/, no Dagster there):
 
 - ``roboface_captions``: the caption of every train sample's HQ image, computed once (per-image cache) into
-  ``<data_root>/roboface_captions/captions.parquet``;
+  ``<data_root>/roboface_captions/<captioner hash>/captions.parquet`` (experiments with one captioner share it);
 - ``roboface_stage1``: stage I-a (Mapper) then I-b (Remover) -- ``training.roboface.train --stage stage1``;
 - ``roboface_model``: stage II (ControlNet + decoupled cross-attention) from stage I's weights and the captions.
 
 The training assets write their config and run the trainer as an ``accelerate launch`` subprocess through Dagster
 Pipes (``roboface.num_processes`` GPUs); the trainer reports loss curves, the sample grid and the weights' path.
 Re-materializing with the same settings resumes the run folder's latest checkpoint (a finished run returns at once).
+
+All three have one partition per RoboFace experiment (assets/experiments.py): its overrides apply to the
+``roboface`` section. Stage I's run folder hashes only what stage I depends on, so the stage-II ablations (explicit
+or implicit text, order, Remover, captioner) share one stage I and train it once.
 """
 
 from pathlib import Path
@@ -16,11 +20,14 @@ from typing import Optional
 import dagster as dg
 
 from attrface_pipeline.assets.common import gpu_op_tags, training_gpus
+from attrface_pipeline.assets.experiments import (ONE_PER_RUN, ROBOFACE_EXPERIMENTS, checkpoint_of, experiment_for,
+                                                  experiment_metadata, latest_partition_metadata)
 from attrface_pipeline.assets.publish import PUBLISH_DIR, attrface_shards
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.training import run_training_subprocess
 from attrface_pipeline.remote import synced
-from attrface_pipeline.builders import build_roboface_captioner, roboface_train_config
+from attrface_pipeline.builders import (build_roboface_captioner, captions_folder, experiment_config,
+                                        roboface_train_config)
 
 CAPTIONS_DIR = "roboface_captions"
 
@@ -45,16 +52,19 @@ class RoboFaceRun(dg.Config):
     "through a vLLM server in the full profile, none offline); captions.parquet keyed by sample key.",
     group_name="models",
     kinds={"parquet"},
+    partitions_def=ROBOFACE_EXPERIMENTS,
+    backfill_policy=ONE_PER_RUN,
 )
 def roboface_captions(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
     import pyarrow.parquet as pq
 
     from training.roboface.captions import caption_split
 
-    cfg = attrface.pipeline_config()
+    cfg = _experiment_cfg(context, attrface)
     captioner = build_roboface_captioner(cfg)
-    with synced(cfg.paths, pull=[PUBLISH_DIR, CAPTIONS_DIR], push=[CAPTIONS_DIR]):
-        summary = caption_split(cfg.paths.data_root / PUBLISH_DIR, cfg.paths.data_root / CAPTIONS_DIR, captioner,
+    folder = f"{CAPTIONS_DIR}/{captions_folder(cfg)}"
+    with synced(cfg.paths, pull=[PUBLISH_DIR, folder], push=[folder]):
+        summary = caption_split(cfg.paths.data_root / PUBLISH_DIR, cfg.paths.data_root / folder, captioner,
                                 batch_size=cfg.roboface.caption_batch_size, log=context.log.info)
     examples = [r for r in pq.read_table(summary.path).to_pylist() if r["caption"]][:3]
     return dg.MaterializeResult(metadata={
@@ -66,6 +76,11 @@ def roboface_captions(context: dg.AssetExecutionContext, attrface: AttrFaceConfi
     })
 
 
+def _experiment_cfg(context: dg.AssetExecutionContext, attrface: AttrFaceConfig):
+    cfg = attrface.pipeline_config()
+    return experiment_config(cfg, experiment_for(context, cfg, "roboface"))
+
+
 def _launch(context: dg.AssetExecutionContext, cfg, train_cfg, processes: int, inputs=()) -> dg.MaterializeResult:
     run_dir = Path(train_cfg.run.output_dir)
     context.log.info(f"RoboFace {train_cfg.stage} run folder {run_dir} ({processes} process(es))")
@@ -73,7 +88,9 @@ def _launch(context: dg.AssetExecutionContext, cfg, train_cfg, processes: int, i
         results = run_training_subprocess(context, module="training.roboface.train",
                                           config=train_cfg.model_dump(mode="json"), output_dir=run_dir,
                                           num_processes=processes)
-    return results.get_materialize_result()
+    result = results.get_materialize_result()
+    experiment = experiment_for(context, cfg, "roboface")
+    return result._replace(metadata={**(result.metadata or {}), **experiment_metadata(experiment, run_dir)})
 
 
 @dg.asset(
@@ -84,10 +101,12 @@ def _launch(context: dg.AssetExecutionContext, cfg, train_cfg, processes: int, i
     kinds={"pytorch"},
     pool="gpu",
     op_tags=gpu_op_tags(training_gpus("roboface")),
+    partitions_def=ROBOFACE_EXPERIMENTS,
+    backfill_policy=ONE_PER_RUN,
 )
 def roboface_stage1(context: dg.AssetExecutionContext, attrface: AttrFaceConfig,
                     config: RoboFaceRun) -> dg.MaterializeResult:
-    cfg = attrface.pipeline_config()
+    cfg = _experiment_cfg(context, attrface)
     overrides = config.model_dump(exclude={"output_dir"})
     train_cfg = roboface_train_config(cfg, shards=str(cfg.paths.data_root / PUBLISH_DIR), stage="stage1",
                                       output_dir=config.output_dir, **overrides)
@@ -103,21 +122,21 @@ def roboface_stage1(context: dg.AssetExecutionContext, attrface: AttrFaceConfig,
     kinds={"pytorch"},
     pool="gpu",
     op_tags=gpu_op_tags(training_gpus("roboface")),
+    partitions_def=ROBOFACE_EXPERIMENTS,
+    backfill_policy=ONE_PER_RUN,
 )
 def roboface_model(context: dg.AssetExecutionContext, attrface: AttrFaceConfig,
                    config: RoboFaceRun) -> dg.MaterializeResult:
     from training.roboface.captions import CAPTIONS_FILE
 
-    cfg = attrface.pipeline_config()
+    cfg = _experiment_cfg(context, attrface)
     overrides = config.model_dump(exclude={"output_dir"})
-    # stage I's weights: what roboface_stage1 last materialized (its own run config may differ from this run's)
-    upstream = context.instance.get_latest_materialization_event(roboface_stage1.key)
-    stage1_dir = None
-    if upstream is not None and upstream.asset_materialization is not None:
-        checkpoint = upstream.asset_materialization.metadata.get("checkpoint")
-        stage1_dir = getattr(checkpoint, "path", None)
+    # stage I's weights: what roboface_stage1 last materialized for this experiment (its run config may differ)
+    stage1_dir = checkpoint_of(latest_partition_metadata(context.instance, roboface_stage1.key,
+                                                         context.partition_key))
+    captions = f"{CAPTIONS_DIR}/{captions_folder(cfg)}"
     train_cfg = roboface_train_config(cfg, shards=str(cfg.paths.data_root / PUBLISH_DIR), stage="stage2",
-                                      captions=str(cfg.paths.data_root / CAPTIONS_DIR / CAPTIONS_FILE),
+                                      captions=str(cfg.paths.data_root / captions / CAPTIONS_FILE),
                                       stage1_dir=stage1_dir, output_dir=config.output_dir, **overrides)
     return _launch(context, cfg, train_cfg, overrides["num_processes"] or cfg.roboface.num_processes,
-                   inputs=[CAPTIONS_DIR, *([Path(stage1_dir)] if stage1_dir else [])])
+                   inputs=[captions, *([Path(stage1_dir)] if stage1_dir else [])])

@@ -137,6 +137,28 @@ def bicubic_restore(factor: int) -> RestoreFn:
     return restore
 
 
+def restore_then_edit(restore: RestoreFn, editor, params, *, prompt: str, resolution: int,
+                      seed: int = 0) -> Callable[..., list[np.ndarray]]:
+    """A²BFR Tab. 3's two-stage protocol from the project's own parts: ``restore`` each LQ with the prompt-agnostic
+    ``prompt``, then edit the restoration with ``editor`` (:class:`attrface_pipeline.stages.flowedit.FlowEditor`)
+    from the source prompt to the requested one, at the editor's ``resolution`` and back to the LQ's size.
+
+    Called with ``source_prompts`` equal to ``prompts`` (the plain restoration) there is nothing to edit and the
+    restoration is returned as it is; FlowEdit with equal prompts moves nothing but the VAE round trip."""
+
+    def run(lqs: list[np.ndarray], prompts: list[str] | None = None,
+            source_prompts: list[str] | None = None) -> list[np.ndarray]:
+        restored = restore(lqs, [prompt] * len(lqs))
+        if prompts is None or source_prompts is None or list(prompts) == list(source_prompts):
+            return restored
+        small = [cv2.resize(r, (resolution, resolution), interpolation=cv2.INTER_AREA) for r in restored]
+        edited, _ = editor.edit(small, list(source_prompts), list(prompts), params, [seed] * len(small))
+        return [cv2.resize(e, (r.shape[1], r.shape[0]), interpolation=cv2.INTER_CUBIC)
+                for e, r in zip(edited, restored)]
+
+    return run
+
+
 @dataclass
 class Method:
     """One column source of the report. ``load`` builds the restore function when needed (models load lazily and
@@ -150,6 +172,7 @@ class Method:
     folder: Path | None = None
     unavailable: str = ""
     caveat: str = ""  # why its numbers are not comparable with the papers' (a tiny model), shown in every table
+    source_prompts: bool = False  # its restore function also takes the source prompts (restore-then-edit)
 
     @property
     def tag(self) -> str:
@@ -243,7 +266,9 @@ def predict(method: Method, bset: BenchSet, out_dir: Path, *, batch_size: int, r
                 if bset.has_targets and method.prompted:
                     prompts = [r["target_prompt" if branch == "tar" else "source_prompt"] for r in chunk]
                 assert restore is not None, f"{method.name}: outputs missing and no restore function"
-                for r, img in zip(chunk, restore(lqs, prompts)):
+                extra = ({"source_prompts": [r["source_prompt"] for r in chunk] if prompts is not None else None}
+                         if method.source_prompts else {})
+                for r, img in zip(chunk, restore(lqs, prompts, **extra)):
                     write(folder / f"{r['key']}.png", encode_image(img, "png"))
                 pred.computed += len(chunk)
             if todo:
@@ -273,6 +298,7 @@ class Cell:
     value: float | None
     n: int = 0
     note: str = ""
+    delta: float | None = None  # the difference to a reference row (ablation tables), shown beside the value
 
 
 def _mean(values: np.ndarray) -> float:
@@ -415,12 +441,16 @@ class Table:
                     if note not in notes:
                         notes.append(note)
                     line.append(f"n/a [{notes.index(note) + 1}]")
-                elif cell.note:  # a value with a caveat (an untrained network): said in the table itself
-                    if cell.note not in notes:
-                        notes.append(cell.note)
-                    line.append(f"{_fmt(col, cell.value)} [{notes.index(cell.note) + 1}]")
                 else:
-                    line.append(_fmt(col, cell.value))
+                    metric = col.split(":")[-1].split("@")[0]
+                    text = _fmt(metric, cell.value)
+                    if cell.delta is not None and math.isfinite(cell.delta):
+                        text += f" ({'+' if cell.delta >= 0 else '−'}{_fmt(metric, abs(cell.delta))})"
+                    if cell.note:  # a value with a caveat (an untrained network): said in the table itself
+                        if cell.note not in notes:
+                            notes.append(cell.note)
+                        text += f" [{notes.index(cell.note) + 1}]"
+                    line.append(text)
             body.append(line)
         return body, notes
 

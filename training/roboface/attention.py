@@ -46,6 +46,7 @@ from torch import nn
 
 DCAMode = Literal["sequential", "parallel"]
 MODES: tuple[str, ...] = ("sequential", "parallel")
+ORDERS: tuple[str, ...] = ("text_first", "implicit_first")
 
 
 class ImplicitBranch(nn.Module):
@@ -110,14 +111,19 @@ class DecoupledCrossAttnProcessor:
     """diffusers attention processor for ``encoder_hidden_states = [text ; N implicit tokens]`` (L + N tokens, L >= 1),
     or the N implicit tokens alone (stock cross-attention over them, stage I); see the module docstring."""
 
-    def __init__(self, branch: ImplicitBranch, num_tokens: int, mode: DCAMode = "sequential"):
+    def __init__(self, branch: ImplicitBranch, num_tokens: int, mode: DCAMode = "sequential", *,
+                 order: str = "text_first", use_implicit: bool = True):
         if mode not in MODES:
             raise ValueError(f"unknown DCA mode {mode!r}; choose from {MODES}")
+        if order not in ORDERS:
+            raise ValueError(f"unknown DCA order {order!r}; choose from {ORDERS}")
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be at least 1, got {num_tokens}")
         self.branch = branch
         self.num_tokens = num_tokens
         self.mode = mode
+        self.order = order  # implicit_first: the implicit tokens first, the text query built from their output
+        self.use_implicit = use_implicit  # False: the text cross-attention alone (the implicit tokens are ignored)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -155,14 +161,25 @@ class DecoupledCrossAttnProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)  # per token: split-safe
         text, implicit = encoder_hidden_states[:, :text_len], encoder_hidden_states[:, text_len:]
 
-        out = attn.to_out[0](_attend(attn, hidden_states, text, attn.to_k, attn.to_v, text_mask))
-        out = attn.to_out[1](out)
-        if not implicit_only:
-            query_input = hidden_states + out if self.mode == "sequential" else hidden_states
+        def text_step(query_input: torch.Tensor) -> torch.Tensor:
+            return attn.to_out[1](attn.to_out[0](_attend(attn, query_input, text, attn.to_k, attn.to_v, text_mask)))
+
+        def implicit_step(query_input: torch.Tensor) -> torch.Tensor:
             branch = self.branch
             impl = _attend(attn, query_input, implicit, branch.to_k_impl, branch.to_v_impl, impl_mask)
-            impl = branch.to_out_impl(impl.to(branch.to_out_impl.weight.dtype)).to(out.dtype)
-            out = out + attn.to_out[1](impl)
+            return attn.to_out[1](branch.to_out_impl(impl.to(branch.to_out_impl.weight.dtype)))
+
+        if implicit_only or not self.use_implicit:
+            out = text_step(hidden_states)
+        elif self.order == "implicit_first":
+            impl = implicit_step(hidden_states)
+            out = text_step(hidden_states + impl.to(hidden_states.dtype) if self.mode == "sequential"
+                            else hidden_states)
+            out = out + impl.to(out.dtype)
+        else:
+            out = text_step(hidden_states)
+            query_input = hidden_states + out if self.mode == "sequential" else hidden_states
+            out = out + implicit_step(query_input).to(out.dtype)
 
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch, channel, height, width)
@@ -182,7 +199,8 @@ def _branch_key(layer_name: str) -> str:
     return layer_name.replace(".", "__")  # ModuleDict keys cannot contain dots
 
 
-def install_dca(model: nn.Module, num_tokens: int, mode: DCAMode = "sequential") -> nn.ModuleDict:
+def install_dca(model: nn.Module, num_tokens: int, mode: DCAMode = "sequential", *, order: str = "text_first",
+                use_implicit: bool = True) -> nn.ModuleDict:
     """Put a :class:`DecoupledCrossAttnProcessor` on every cross-attention layer of a UNet2DConditionModel or
     ControlNetModel (self-attention processors untouched); returns the new trainable branches, keyed by layer."""
     layers = cross_attention_layers(model)
@@ -194,7 +212,8 @@ def install_dca(model: nn.Module, num_tokens: int, mode: DCAMode = "sequential")
             raise ValueError(f"{type(model).__name__}.{name} already has a DecoupledCrossAttnProcessor")
         branch = ImplicitBranch.from_attention(attn)
         branches[_branch_key(name)] = branch
-        attn.set_processor(DecoupledCrossAttnProcessor(branch, num_tokens, mode))
+        attn.set_processor(DecoupledCrossAttnProcessor(branch, num_tokens, mode, order=order,
+                                                       use_implicit=use_implicit))
     return branches
 
 

@@ -44,9 +44,18 @@ class RemoverConfig(_Strict):
 
 
 class DCAConfig(_Strict):
+    """What stage II's cross-attention layers attend to, and how: the paper's form by default; the other values are
+    the papers' ablations (RoboFace Tab. 5, 6, 8)."""
+
     mode: Literal["sequential", "parallel"] = Field(
         "sequential", description="sequential: the paper's form (implicit query from the text-attended features); "
                                   "parallel: IP-Adapter's (one query, two K/V sets, outputs summed), for ablation")
+    order: Literal["text_first", "implicit_first"] = Field(
+        "text_first", description="sequential mode: which context is attended first (the second one's query is "
+                                  "built from the first one's output)")
+    explicit: bool = Field(True, description="false: no explicit text; captions are empty in training and restoring")
+    implicit: bool = Field(True, description="false: the implicit branch is not used (text cross-attention only)")
+    use_remover: bool = Field(True, description="false: the implicit tokens are the Mapper's LQ tokens, no Remover")
 
 
 class VLMCaptionConfig(_Strict):

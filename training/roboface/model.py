@@ -80,8 +80,9 @@ class RoboFace(nn.Module):
         for name, module in (("mapper", self.mapper), ("remover", self.remover)):
             if module.config.num_tokens != n:
                 raise ValueError(f"{name} makes {module.config.num_tokens} tokens; the config says num_tokens={n}")
-        self.dca = nn.ModuleDict({"unet": install_dca(unet, n, config.dca.mode),
-                                  "controlnet": install_dca(controlnet, n, config.dca.mode)})
+        dca = dict(order=config.dca.order, use_implicit=config.dca.implicit)
+        self.dca = nn.ModuleDict({"unet": install_dca(unet, n, config.dca.mode, **dca),
+                                  "controlnet": install_dca(controlnet, n, config.dca.mode, **dca)})
         for module in (self.mapper, self.remover, self.controlnet, self.dca):
             module.float()  # trained parts in float32 whatever the frozen parts' dtype
         mean, std = _clip_normalisation(feature_extractor)
@@ -157,6 +158,15 @@ class RoboFace(nn.Module):
     def implicit_tokens(self, lq_images: torch.Tensor) -> torch.Tensor:
         """Remover(Mapper(CLIP(LQ))): the N implicit tokens (B, N, cross_attention_dim), float32."""
         return self.remover(self.mapper_tokens(lq_images))
+
+    def stage2_tokens(self, lq_images: torch.Tensor) -> torch.Tensor:
+        """The implicit tokens stage II attends to: Remover(Mapper(CLIP(LQ))), or the Mapper's tokens alone with
+        ``dca.use_remover`` off."""
+        return self.implicit_tokens(lq_images) if self.config.dca.use_remover else self.mapper_tokens(lq_images)
+
+    def stage2_captions(self, captions: Sequence[str]) -> list[str]:
+        """The explicit text stage II sees: the captions, or empty ones with ``dca.explicit`` off."""
+        return [str(c) for c in captions] if self.config.dca.explicit else [""] * len(captions)
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text-encoder states (B, 77, D) of the prompts, padded to the tokenizer's max length as SD does."""
@@ -404,9 +414,10 @@ def stage2_loss(model: RoboFace, batch: dict, *, generator: torch.Generator | No
     """Stage II: ControlNet(LQ) + DCA over [caption ; Remover(Mapper(LQ))], diffusion loss on the HQ image."""
     hq, lq = batch_images(model, batch)
     captions = _drop(batch_captions(batch, hq.shape[0]), model.config.stage2.caption_dropout, generator)
+    captions = model.stage2_captions(captions)
     with torch.no_grad():
         latents = model.encode_images(hq, generator)
-        tokens = model.implicit_tokens(lq)
+        tokens = model.stage2_tokens(lq)
         text = model.encode_text(captions)
     context = torch.cat([text.float(), tokens.float()], dim=1)
     control = (lq.float() + 1) / 2

@@ -103,14 +103,17 @@ class RoboFaceRestorer:
                                lambda x, t: model.predict(x, t.expand(n), tokens, implicit_only=True))
         stage1 = to_uint8(model.decode_latents(latents))
 
-        if prompt is None:
+        if prompt is None and model.config.dca.explicit:  # the caption describes the stage-I restoration
             captions = self.captioner.caption(stage1)
-        elif isinstance(prompt, str):
-            captions = [prompt] * n
+        elif prompt is None or isinstance(prompt, str):
+            captions = [prompt or ""] * n
         else:
             captions = [str(p) for p in prompt]
             if len(captions) != n:
                 raise ValueError(f"{len(captions)} prompts for {n} crops")
+        captions = model.stage2_captions(captions)
+        if not model.config.dca.use_remover:
+            tokens = model.mapper_tokens(lq)
         context = torch.cat([model.encode_text(captions).float(), tokens.float()], dim=1)
         control = (lq.float() + 1) / 2
         if guidance > 1:

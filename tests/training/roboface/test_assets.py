@@ -15,7 +15,7 @@ import pytest
 
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.roboface import roboface_captions, roboface_model, roboface_stage1
-from attrface_pipeline.builders import roboface_train_config
+from attrface_pipeline.builders import captions_folder, roboface_train_config
 from attrface_pipeline.config import load_config
 from training.engine import read_losses
 
@@ -37,15 +37,16 @@ def test_roboface_assets_materialize_offline_and_resume(tmp_path, shard_dir, sd2
     resources = {"attrface": AttrFaceConfig(settings=settings)}
     instance = dg.DagsterInstance.ephemeral()
     assets = [roboface_captions, roboface_stage1, roboface_model]
-    result = dg.materialize(assets, resources=resources, instance=instance, raise_on_error=False)
+    result = dg.materialize(assets, resources=resources, instance=instance, raise_on_error=False, partition_key="full")
     assert result.success, [e.event_specific_data for e in result.all_events if e.is_failure]
 
     captions = result.asset_materializations_for_node("roboface_captions")[0].metadata
     assert captions["samples"].value == 18 and captions["backend"].value == "none" and captions["failed"].value == 0
-    table = pq.read_table(tmp_path / "data" / "roboface_captions" / "captions.parquet").to_pylist()
+    cfg = load_config(overrides=settings)
+    table = pq.read_table(tmp_path / "data" / "roboface_captions" / captions_folder(cfg) / "captions.parquet"
+                          ).to_pylist()
     assert len(table) == 18 and all(r["caption"] == "" and r["source_prompt"] for r in table)
 
-    cfg = load_config(overrides=settings)
     stage1 = result.asset_materializations_for_node("roboface_stage1")[0].metadata
     run1 = Path(roboface_train_config(cfg, shards=str(tmp_path / "data" / "attrface_shards"),
                                       stage="stage1").run.output_dir)
@@ -66,7 +67,7 @@ def test_roboface_assets_materialize_offline_and_resume(tmp_path, shard_dir, sd2
     assert final.parents[1].name.startswith("stage2-")
     assert final.parents[2] == run1.parent == tmp_path / "data" / "models" / "roboface"
 
-    again = dg.materialize(assets, resources=resources, instance=instance)
+    again = dg.materialize(assets, resources=resources, instance=instance, partition_key="full")
     meta = again.asset_materializations_for_node("roboface_model")[0].metadata
     assert meta["checkpoint"].path == str(final) and meta["stage2_resumed_from"].value == 6
     assert again.asset_materializations_for_node("roboface_stage1")[0].metadata["stage1b_resumed_from"].value == 4

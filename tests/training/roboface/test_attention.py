@@ -201,3 +201,31 @@ def test_dca_weights_round_trip(unet, tmp_path):
         assert ka == kb and torch.equal(a, b)
     with pytest.raises(RuntimeError):  # strict: a branch set of another network does not load
         load_dca(path, install_dca(copy.deepcopy(unet).down_blocks[0], N))
+
+
+def test_ablations_order_and_text_only(unet, inputs):
+    """RoboFace Tab. 6 / Tab. 5: implicit-first is the stock network at a zero branch and another network when it
+    is live; with the implicit branch off the layer is the stock text cross-attention whatever the tokens."""
+    x = inputs
+    context = torch.cat([x["text"], x["implicit"]], 1)
+    with torch.no_grad():
+        stock = unet(x["sample"], x["t"], x["text"]).sample
+    first = copy.deepcopy(unet)
+    branches = install_dca(first, N, "sequential", order="implicit_first")
+    with torch.no_grad():
+        torch.testing.assert_close(first(x["sample"], x["t"], context).sample, stock, rtol=0, atol=0)
+    _randomise(branches)
+    text_first = copy.deepcopy(unet)
+    text_branches = install_dca(text_first, N, "sequential")
+    text_branches.load_state_dict(branches.state_dict())
+    off = copy.deepcopy(unet)
+    off_branches = install_dca(off, N, "sequential", use_implicit=False)
+    off_branches.load_state_dict(branches.state_dict())
+    with torch.no_grad():
+        a = first(x["sample"], x["t"], context).sample
+        b = text_first(x["sample"], x["t"], context).sample
+        c = off(x["sample"], x["t"], context).sample
+    assert (a - b).abs().max() > 1e-3 and (a - stock).abs().max() > 1e-3
+    torch.testing.assert_close(c, stock, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown DCA order"):
+        install_dca(copy.deepcopy(unet), N, "sequential", order="sideways")

@@ -95,3 +95,19 @@ def test_stage_deliverables_and_mismatch_errors(model, tiny_config, sd2_base, tm
     with pytest.raises(ValueError, match="num_tokens"):
         RoboFace.from_pretrained(sd2_base, config=tiny_config.model_copy(update={"num_tokens": 8}),
                                  trained=tmp_path / "s1a")
+
+
+def test_stage_two_ablation_switches(tiny_config, model_store, sd2_base, face_batch):
+    """no_remover: stage II attends the Mapper's tokens; no_explicit: every caption is empty."""
+    from training.roboface.model import build_roboface
+
+    cfg = tiny_config.model_copy(update={"dca": tiny_config.dca.model_copy(update={"use_remover": False,
+                                                                                   "explicit": False})})
+    model = build_roboface(cfg, model_store)
+    with torch.no_grad():
+        model.remover.proj_out.weight.normal_()  # a live Remover, so that skipping it shows
+        lq = face_batch["lq"].to(model.device)
+        torch.testing.assert_close(model.stage2_tokens(lq), model.mapper_tokens(lq))
+        assert (model.implicit_tokens(lq) - model.mapper_tokens(lq)).abs().max() > 1e-3
+    assert model.stage2_captions(["a smiling woman", "a man"]) == ["", ""]
+    assert build_roboface(tiny_config, model_store).stage2_captions(["a man"]) == ["a man"]
