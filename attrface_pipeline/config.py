@@ -459,8 +459,8 @@ class ExperimentsConfig(_Strict):
     roboface: list[str] = Field(default_factory=lambda: ["full", "no_remover"],
                                 description="RoboFace experiments to run")
     default: dict[str, str] = Field(default_factory=lambda: {"a2bfr": "full", "roboface": "full"},
-                                    description="the experiment train_a2bfr / train_roboface, evaluate and "
-                                    "`attrface restore --weights latest` use when none is named")
+                                    description="the experiment train_a2bfr / train_roboface train and "
+                                    "evaluate and baseline_eval restore with when none is named")
 
 
 class ModelsConfig(_Strict):

@@ -1,6 +1,7 @@
 """Integration: the real `dagster job execute` CLI on the shipped sample photos, in a temp DAGSTER_HOME."""
 
 import hashlib
+import re
 import json
 import os
 import subprocess
@@ -291,3 +292,52 @@ def test_eval_report_on_the_sample_build(build):
     assert record["weights"]["lpips"]["spec"] == "tiny/lpips" and record["profile"] == "offline"
     html = (tmp / "out" / "eval" / "report.html").read_text()
     assert "(published)" in html and "data:image/png;base64," in html
+
+
+def test_reproduce_offline_partitions_and_the_papers_tables(build):
+    """`dagster job execute -j reproduce` on the sample build: every selected experiment is a materialized partition
+    of the training and evaluation assets, and the report has every paper table, its rows and columns, each cell a
+    number or n/a with its reason; a second name of one config (A²BFR attrface = full) shows that run's numbers."""
+    import dagster as dg
+
+    from attrface_pipeline.definitions import defs
+    from training.eval.paper import PAPER_TABLES
+
+    tmp, env, _ = build
+    log = _execute(env, "-j", "reproduce")
+    assert "reproduce: build_dataset, build_benchmarks, a2bfr_experiment[full], a2bfr_experiment[baseline], " \
+           "roboface_experiment[full], roboface_experiment[no_remover], reproduce_report" in log
+    assert defs.get_assets_def("a2bfr_lora").partitions_def.get_partition_keys() == [
+        "full", "baseline", "+aal", "+sdt", "ffhq_only", "attrface"]
+    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+    try:
+        instance = dg.DagsterInstance.get()
+        for asset, chosen in (("a2bfr_lora", {"full", "baseline"}), ("a2bfr_eval", {"full", "baseline"}),
+                              ("roboface_model", {"full", "no_remover"}), ("roboface_eval", {"full", "no_remover"})):
+            assert instance.get_materialized_partitions(dg.AssetKey(asset)) == chosen, asset
+        meta = instance.get_latest_materialization_event(dg.AssetKey("paper_report")).asset_materialization.metadata
+        baselines = instance.get_latest_materialization_event(dg.AssetKey("baseline_eval")).asset_materialization
+    finally:
+        del os.environ["DAGSTER_HOME"]
+    assert {m["name"]: m["unavailable"] for m in baselines.metadata["methods"].value} == {
+        "bicubic": "", "identity": "", "restore_then_edit": ""}
+    md = meta["tables"].value
+    for table in PAPER_TABLES:
+        assert f"#### {table.title}" in md, table.id
+    assert "#### RoboFace Tab. 10 · complexity" in md and "| A²BFR (black-forest-labs/FLUX.1-dev) | 17.1882 |" in md
+    assert meta["loss_curves"].value.startswith("![") and meta["metrics_by_level"].value.startswith("![")
+    sections = {s.split("\n", 1)[0]: s for s in md.split("#### ")[1:]}
+    tab4 = next(s for t, s in sections.items() if t.startswith("A²BFR Tab. 4"))
+    rows = {line.split(" | ")[0].strip("| ").split(" [")[0]: line for line in tab4.splitlines()
+            if line.startswith("| ")}
+    assert set(rows) == {"Method", "full", "baseline", "+aal", "+sdt"}
+    assert "(+" in rows["full"] or "(−" in rows["full"]  # the delta to the baseline experiment
+    assert "attrface (= full: same run)" in sections[next(t for t in sections if t.startswith("A²BFR Tab. 5"))]
+    for title, body in sections.items():  # every cell: a number, or n/a with a footnote saying why
+        lines = [line for line in body.splitlines() if line.startswith("| ") and not line.startswith("| Method")]
+        for line in lines:
+            for cell in line.strip("|").split(" | ")[1:]:
+                cell = cell.strip()
+                assert cell == "—" or cell.startswith("n/a [") or cell[0].isdigit() or cell == "∞", (title, cell)
+        for note in re.findall(r"n/a \[(\d+)\]", body):
+            assert re.search(rf"^\[{note}\] \S", body, re.M), (title, note)
