@@ -169,7 +169,24 @@ def a2bfr_train_config(cfg: PipelineConfig, *, shards: str, output_dir: str | No
     body["train"] = {"output_dir": str(run), "max_steps": a.max_steps, "checkpoint_every": a.checkpoint_every,
                      "lr": a.lr, "optimizer": a.optimizer, "mixed_precision": a.mixed_precision,
                      "gradient_checkpointing": a.gradient_checkpointing}
+    if a.text_cache:  # not part of the run's name: the same embeddings, computed once instead of every step
+        body["text_cache"] = str(text_cache_dir(cfg))
     return A2BFRTrainConfig.model_validate(body)
+
+
+TEXT_DIR = "text_embeddings"
+
+
+def text_cache_dir(cfg: PipelineConfig):
+    """Where the text_embeddings asset stores the prompts' embeddings for ``models.flux`` at the a2bfr section's
+    token count and precision: ``<data_root>/text_embeddings/<encoder fingerprint>``."""
+    from attrface_pipeline.models.store import model_fingerprint
+    from training.text_cache import cache_fingerprint
+
+    a = cfg.a2bfr
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(a.mixed_precision, "float32")
+    return cfg.paths.data_root / TEXT_DIR / cache_fingerprint(model_fingerprint(cfg.models.flux),
+                                                              a.max_sequence_length, dtype)
 
 
 def _run_hash(meaning: dict) -> str:

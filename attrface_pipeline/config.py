@@ -338,6 +338,8 @@ class A2BFRConfig(_Strict):
     degradation: str = Field("train", description="training.degradation preset of the LQ images")
     sample_faces: int = Field(2, ge=0, description="rows of the sample grid")
     sample_steps: int = Field(4, ge=1)
+    text_cache: bool = Field(True, description="train on the text_embeddings asset's cached prompt embeddings, "
+                             "without loading the text encoders; false: encode every batch's prompts")
     output_dir: Path | None = Field(None, description="run folder; default <data_root>/models/a2bfr/<config hash>")
 
 

@@ -66,7 +66,7 @@ ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
 # they change how long or how visibly a run goes, not what it computes.
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "resume", "overwrite",
-    "attention_backend", "gradient_checkpointing", "accept_data_change", "max_bad_fraction",
+    "attention_backend", "gradient_checkpointing", "accept_data_change", "max_bad_fraction", "text_cache",
 })
 DATA_FINGERPRINT = "data_fingerprint"  # the config key trainers record the data under (training.data.data_fingerprint)
 MIN_SAMPLES_FOR_BAD_FRACTION = 20  # the bad-sample fraction is judged once this many samples were read

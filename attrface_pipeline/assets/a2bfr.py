@@ -19,7 +19,7 @@ from attrface_pipeline.assets.experiments import A2BFR_EXPERIMENTS, ONE_PER_RUN,
 from attrface_pipeline.assets.publish import PUBLISH_DIR, attrface_shards
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.training import run_training_subprocess
-from attrface_pipeline.builders import a2bfr_train_config, experiment_config
+from attrface_pipeline.builders import a2bfr_train_config, experiment_config, text_cache_dir
 from attrface_pipeline.remote import synced
 
 
@@ -39,6 +39,52 @@ class A2BFRRun(dg.Config):
 
 @dg.asset(
     deps=[attrface_shards],
+    description="Every prompt of the published shards (source and target, and the empty prompt) through models.flux's "
+    "CLIP and T5 encoders once, stored beside the shards by prompt text and encoder fingerprint: A²BFR training "
+    "reads them and never loads a text encoder.",
+    group_name="models",
+    kinds={"pytorch", "safetensors"},
+    pool="gpu",
+    op_tags=gpu_op_tags(),
+)
+def text_embeddings(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
+    import torch
+
+    from attrface_pipeline.models.device import resolve_device
+    from attrface_pipeline.models.store import ModelStore, model_fingerprint
+    from training.a2bfr.pipeline import A2BFRPipeline
+    from training.a2bfr.train import weight_dtype
+    from training.text_cache import build_cache, shard_prompts
+
+    cfg = attrface.pipeline_config()
+    a = cfg.a2bfr
+    folder = text_cache_dir(cfg)
+    relative = folder.relative_to(cfg.paths.data_root)
+    with synced(cfg.paths, pull=[PUBLISH_DIR, relative], push=[relative]):
+        prompts = shard_prompts(cfg.paths.data_root / PUBLISH_DIR)
+        dtype = weight_dtype(a.mixed_precision)
+        device = resolve_device("auto")
+        pipe = None
+
+        def encode(batch: list[str]):
+            nonlocal pipe
+            if pipe is None:  # only when something is missing: a complete cache loads no model
+                path = ModelStore.from_config(cfg).resolve(cfg.models.flux)
+                pipe = A2BFRPipeline.from_pretrained(path, dtype=dtype, transformer=None, vae=None).to(device)
+            with torch.no_grad():
+                embeds, pooled, _ = pipe.encode_prompt(prompt=batch, prompt_2=None, device=device,
+                                                       max_sequence_length=a.max_sequence_length)
+            return embeds, pooled
+
+        meta = {"model": model_fingerprint(cfg.models.flux), "max_sequence_length": a.max_sequence_length,
+                "dtype": str(dtype).removeprefix("torch.")}
+        summary = build_cache(encode, prompts, folder, meta=meta, log=context.log.info)
+    return dg.MaterializeResult(metadata={**summary, "path": dg.MetadataValue.path(str(folder)),
+                                          "gib": round(summary["bytes"] / 1024**3, 3), **meta})
+
+
+@dg.asset(
+    deps=[attrface_shards, text_embeddings],
     partitions_def=A2BFR_EXPERIMENTS,
     backfill_policy=ONE_PER_RUN,
     description="A²BFR LoRA (Flux + condition tokens, attribute-aware loss, semantic dual-training) trained on the "
@@ -58,7 +104,8 @@ def a2bfr_lora(context: dg.AssetExecutionContext, attrface: AttrFaceConfig, conf
     processes = overrides["num_processes"] or cfg.a2bfr.num_processes
     context.log.info(f"A²BFR run folder {train_cfg.train.output_dir} ({processes} process(es))")
     run_dir = Path(train_cfg.train.output_dir)
-    with synced(cfg.paths, pull=[PUBLISH_DIR, run_dir], push=[run_dir]):  # a URL data root: shards in, run out
+    cache = [Path(train_cfg.text_cache).relative_to(cfg.paths.data_root)] if train_cfg.text_cache else []
+    with synced(cfg.paths, pull=[PUBLISH_DIR, *cache, run_dir], push=[run_dir]):  # a URL data root: shards in, run out
         results = run_training_subprocess(context, module="training.a2bfr.train",
                                           config=train_cfg.model_dump(mode="json"), output_dir=run_dir,
                                           num_processes=processes)

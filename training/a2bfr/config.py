@@ -73,6 +73,8 @@ class A2BFRTrainConfig(_Strict):
     samples: SampleSettings = Field(default_factory=SampleSettings)
     cache_dir: str = Field("data/cache", description="model store root (hub cache, tiny zoo), as paths.cache_dir")
     allow_download: bool = False
+    text_cache: str | None = Field(None, description="a text-embedding cache folder (training/text_cache.py): the "
+                                   "text encoders are not loaded; None: they encode every batch's prompts")
 
     @model_validator(mode="after")
     def _data_fits(self) -> A2BFRTrainConfig:

@@ -191,6 +191,19 @@ class A2BFRPipeline(FluxPipeline):
     adapter_name: str | None = None
     condition_attends: str = "all"
     lora_scale: float | None = None
+    text_cache = None  # a training.text_cache.TextEmbeddingCache: prompts are looked up, no text encoder runs
+
+    def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1, prompt_embeds=None,
+                      pooled_prompt_embeds=None, max_sequence_length: int = 512, lora_scale=None):
+        """FluxPipeline's, or the same three tensors from :attr:`text_cache` (training without text encoders)."""
+        if self.text_cache is None or prompt_embeds is not None:
+            return super().encode_prompt(prompt, prompt_2, device, num_images_per_prompt, prompt_embeds,
+                                         pooled_prompt_embeds, max_sequence_length, lora_scale)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        embeds, pooled, text_ids = self.text_cache.encode_prompt(prompts, device or self._execution_device,
+                                                                 max_sequence_length)
+        return embeds, pooled, text_ids.to(self.transformer.dtype)
 
     # -- components shared with training -----------------------------------------------------------------------
     def encode_packed(self, images: torch.Tensor, *, sample: bool = True,

@@ -44,10 +44,19 @@ def load_models(cfg: A2BFRTrainConfig, device: torch.device) -> tuple[A2BFRPipel
 
     store = ModelStore(cfg.cache_dir, allow_download=cfg.allow_download)
     dtype = weight_dtype(cfg.train.mixed_precision)
-    pipe = A2BFRPipeline.from_pretrained(store.resolve(cfg.model.base), dtype=dtype)
+    cache = None
+    without = {}
+    if cfg.text_cache:  # the prompts' embeddings come from the cache: no text encoder is loaded
+        from training.text_cache import TextEmbeddingCache
+
+        cache = TextEmbeddingCache(cfg.text_cache)
+        without = {"text_encoder": None, "text_encoder_2": None, "tokenizer": None, "tokenizer_2": None}
+    pipe = A2BFRPipeline.from_pretrained(store.resolve(cfg.model.base), dtype=dtype, **without)
+    pipe.text_cache = cache
     pipe.set_progress_bar_config(disable=True)
     for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        part.requires_grad_(False)
+        if part is not None:
+            part.requires_grad_(False)
     lora = cfg.model.lora
     add_condition_lora(pipe.transformer, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
                        adapter_name=lora.adapter_name)
