@@ -153,6 +153,7 @@ def a2bfr_train_config(cfg: PipelineConfig, *, shards: str, output_dir: str | No
                                                                        if v is not None}})
     body = {
         "model": {"base": cfg.models.flux, "farl": cfg.models.farl, "resolution": a.resolution,
+                  **({"base_dtype": a.base_dtype} if a.base_dtype != "bf16" else {}),
                   "max_sequence_length": a.max_sequence_length, "condition_attends": a.condition_attends,
                   "lora": {"rank": a.lora_rank, "alpha": a.lora_alpha}},
         "loss": {"aal_weight": a.aal_weight, "sdt_margin": a.sdt_margin, "sdt_weight": a.sdt_weight},
@@ -175,6 +176,38 @@ def a2bfr_train_config(cfg: PipelineConfig, *, shards: str, output_dir: str | No
 
 
 TEXT_DIR = "text_embeddings"
+
+
+def build_text_embeddings(cfg: PipelineConfig, log=print) -> dict:
+    """Encode every prompt of the published shards the cache lacks with models.flux's text encoders (loaded only
+    when something is missing) into :func:`text_cache_dir`; the ``text_embeddings`` asset and ``attrface
+    train-a2bfr`` run it. Returns the cache's summary and what it was made with."""
+    import torch
+
+    from attrface_pipeline.models.store import model_fingerprint
+    from training.a2bfr.pipeline import A2BFRPipeline
+    from training.a2bfr.train import weight_dtype
+    from training.text_cache import build_cache, shard_prompts
+
+    a = cfg.a2bfr
+    prompts = shard_prompts(cfg.paths.data_root / "attrface_shards")
+    dtype = weight_dtype(a.mixed_precision)
+    device = resolve_device("auto")
+    pipe = None
+
+    def encode(batch: list[str]):
+        nonlocal pipe
+        if pipe is None:
+            path = ModelStore.from_config(cfg).resolve(cfg.models.flux)
+            pipe = A2BFRPipeline.from_pretrained(path, dtype=dtype, transformer=None, vae=None).to(device)
+        with torch.no_grad():
+            embeds, pooled, _ = pipe.encode_prompt(prompt=batch, prompt_2=None, device=device,
+                                                   max_sequence_length=a.max_sequence_length)
+        return embeds, pooled
+
+    meta = {"model": model_fingerprint(cfg.models.flux), "max_sequence_length": a.max_sequence_length,
+            "dtype": str(dtype).removeprefix("torch.")}
+    return {**build_cache(encode, prompts, text_cache_dir(cfg), meta=meta, log=log), **meta}
 
 
 def text_cache_dir(cfg: PipelineConfig):

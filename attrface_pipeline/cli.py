@@ -134,6 +134,144 @@ def reproduce_command(
                f"{cfg.paths.data_root / 'eval' / 'paper' / 'paper_tables.md'}")
 
 
+def _experiment_cfg(model: str, profile: Optional[str], files: Optional[list[str]], experiment: Optional[str],
+                    overrides: dict):
+    """The config with an experiment's overrides (default: experiments.default) and the command's own."""
+    from attrface_pipeline.builders import experiment_config
+    from training.experiments import ExperimentError, load_experiments
+
+    cfg = _config_or_exit(profile, files)
+    name = experiment or cfg.experiments.default[model]
+    try:
+        defined = load_experiments(cfg.experiments.files)[model]
+    except ExperimentError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    if name not in defined:
+        typer.echo(f"error: --experiment {name!r} is not a {model} experiment; defined: {', '.join(defined)}",
+                   err=True)
+        raise typer.Exit(2)
+    cfg = experiment_config(cfg, defined[name])
+    section = getattr(cfg, model)
+    changed = {k: v for k, v in overrides.items() if v is not None}
+    return cfg.model_copy(update={model: type(section).model_validate({**section.model_dump(), **changed})}), name
+
+
+def _launch(module: str, train_cfg, output_dir: Path, processes: int, mixed_precision: str,
+            extra: tuple[str, ...] = ()) -> None:
+    """Write the run's config into its folder and run the trainer module as the assets do (``accelerate launch``
+    with one process per GPU), in the foreground."""
+    import os
+    import subprocess
+
+    import torch
+
+    from attrface_pipeline.assets.training import LAUNCH_CONFIG, launch_command
+    from attrface_pipeline.storage import atomic_write_json
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = output_dir / LAUNCH_CONFIG
+    atomic_write_json(config_path, train_cfg.model_dump(mode="json"))
+    cmd = launch_command(module, config_path, num_processes=processes, mixed_precision=mixed_precision,
+                         cuda=torch.cuda.is_available()) + list(extra)
+    typer.echo(f"training: {' '.join(cmd)}", err=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if processes > 1 and not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"
+    code = subprocess.run(cmd, env=env).returncode
+    if code:
+        raise typer.Exit(code)
+
+
+RESUME_HELP = "latest (continue the run folder's newest checkpoint), a checkpoint folder, or none (start over; with " \
+              "--overwrite when the folder has checkpoints)"
+
+
+@app.command("train-a2bfr")
+def train_a2bfr_command(
+    plan: bool = typer.Option(False, "--plan", help="print parameters and the estimated peak memory per component "
+                              "(the real architectures on the meta device) and exit"),
+    experiment: Optional[str] = typer.Option(None, help="a named experiment (default: experiments.default)"),
+    base_dtype: Optional[str] = typer.Option(None, help="bf16 | fp8 | nf4: the frozen transformer's storage"),
+    batch_size: Optional[int] = typer.Option(None, help="per process"),
+    max_steps: Optional[int] = typer.Option(None),
+    optimizer: Optional[str] = typer.Option(None, help="prodigy | adamw | adamw8bit"),
+    num_processes: Optional[int] = typer.Option(None, help="GPUs (accelerate processes)"),
+    resume: str = typer.Option("latest", help=RESUME_HELP),
+    overwrite: bool = typer.Option(False, help="with --resume none: delete the folder's checkpoints first"),
+    profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
+    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+) -> None:
+    """Train A²BFR from the command line: the code the a2bfr_lora asset runs (`accelerate launch -m
+    training.a2bfr.train`), on the published shards, resuming the run folder of the same settings."""
+    from attrface_pipeline.builders import a2bfr_train_config, build_text_embeddings
+    from training.plan import a2bfr_plan
+
+    if base_dtype not in (None, "bf16", "fp8", "nf4"):
+        raise typer.BadParameter(f"{base_dtype!r}; choose bf16, fp8 or nf4", param_hint="--base-dtype")
+    cfg, name = _experiment_cfg("a2bfr", profile, _files(config_file), experiment, {
+        "base_dtype": base_dtype, "batch_size": batch_size, "max_steps": max_steps, "optimizer": optimizer,
+        "num_processes": num_processes})
+    if plan:
+        typer.echo(a2bfr_plan(cfg, text_cache=cfg.a2bfr.text_cache).table())
+        return
+    shards = cfg.paths.data_root / "attrface_shards"
+    if not (shards / "train").is_dir():
+        typer.echo(f"error: no published shards at {shards}: build the dataset first (attrface demo or job "
+                   f"build_dataset)", err=True)
+        raise typer.Exit(2)
+    if cfg.a2bfr.text_cache:
+        summary = build_text_embeddings(cfg, log=lambda m: typer.echo(m, err=True))
+        typer.echo(f"text embeddings: {summary['prompts']} prompts ({summary['encoded']} encoded now)", err=True)
+    train_cfg = a2bfr_train_config(cfg, shards=str(shards))
+    train_cfg.train.resume = None if resume == "none" else resume
+    train_cfg.train.overwrite = overwrite
+    typer.echo(f"A²BFR {name}: run folder {train_cfg.train.output_dir}", err=True)
+    _launch("training.a2bfr.train", train_cfg, Path(train_cfg.train.output_dir), cfg.a2bfr.num_processes,
+            cfg.a2bfr.mixed_precision)
+
+
+@app.command("train-roboface")
+def train_roboface_command(
+    plan: bool = typer.Option(False, "--plan", help="print stage II's parameters and estimated peak memory per "
+                              "component (the real architectures on the meta device) and exit"),
+    experiment: Optional[str] = typer.Option(None, help="a named experiment (default: experiments.default)"),
+    batch_size: Optional[int] = typer.Option(None, help="stage II, per process and micro-batch"),
+    num_processes: Optional[int] = typer.Option(None, help="GPUs (accelerate processes)"),
+    profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
+    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+) -> None:
+    """Train RoboFace from the command line: captions, stage I, stage II -- the code the RoboFace assets run,
+    resuming the run folders of the same settings."""
+    from attrface_pipeline.builders import build_roboface_captioner, captions_folder, roboface_train_config
+    from training.plan import roboface_plan
+    from training.roboface.captions import CAPTIONS_FILE, caption_split
+
+    cfg, name = _experiment_cfg("roboface", profile, _files(config_file), experiment, {
+        "stage2_batch_size": batch_size, "num_processes": num_processes})
+    if plan:
+        typer.echo(roboface_plan(cfg).table())
+        return
+    root = cfg.paths.data_root
+    shards = root / "attrface_shards"
+    if not (shards / "train").is_dir():
+        typer.echo(f"error: no published shards at {shards}: build the dataset first", err=True)
+        raise typer.Exit(2)
+    captions = root / "roboface_captions" / captions_folder(cfg)
+    caption_split(shards, captions, build_roboface_captioner(cfg), batch_size=cfg.roboface.caption_batch_size,
+                  log=lambda m: typer.echo(m, err=True))
+    r = cfg.roboface
+    stage1 = roboface_train_config(cfg, shards=str(shards), stage="stage1")
+    typer.echo(f"RoboFace {name}: stage I {stage1.run.output_dir}", err=True)
+    _launch("training.roboface.train", stage1, Path(stage1.run.output_dir), r.num_processes, r.mixed_precision,
+            ("--stage", "stage1"))
+    stage2 = roboface_train_config(cfg, shards=str(shards), stage="stage2", captions=str(captions / CAPTIONS_FILE),
+                                   stage1_dir=str(stage1.stage1_weights()))
+    typer.echo(f"RoboFace {name}: stage II {stage2.run.output_dir}", err=True)
+    _launch("training.roboface.train", stage2, Path(stage2.run.output_dir), r.num_processes, r.mixed_precision,
+            ("--stage", "stage2"))
+
+
 @app.command("config")
 def show_config(
     profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),

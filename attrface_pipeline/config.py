@@ -323,7 +323,11 @@ class A2BFRConfig(_Strict):
     max_steps: int = Field(20, ge=1)
     batch_size: int = Field(2, ge=1, description="per process")
     lr: float = Field(1.0, gt=0, description="Prodigy's multiplier (1.0 = its own estimate)")
-    optimizer: Literal["prodigy", "adamw"] = "prodigy"
+    optimizer: Literal["prodigy", "adamw", "adamw8bit"] = Field(
+        "prodigy", description="adamw8bit: bitsandbytes' 8-bit AdamW states (CUDA)")
+    base_dtype: Literal["bf16", "fp8", "nf4"] = Field(
+        "bf16", description="the frozen transformer's storage: bf16 (unquantized), fp8 (torchao) or nf4 "
+        "(bitsandbytes); the LoRA trains in fp32 above it")
     aal_weight: float = Field(0.1, ge=0, description="lambda: attribute-aware loss weight")
     sdt_margin: float = Field(0.3, ge=0, le=1, description="m: dual-training hinge margin")
     sdt_weight: float = Field(0.1, ge=0, description="alpha: dual-training loss weight")

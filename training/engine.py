@@ -67,6 +67,7 @@ ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "resume", "overwrite",
     "attention_backend", "gradient_checkpointing", "accept_data_change", "max_bad_fraction", "text_cache",
+    "memory_check",
 })
 DATA_FINGERPRINT = "data_fingerprint"  # the config key trainers record the data under (training.data.data_fingerprint)
 MIN_SAMPLES_FOR_BAD_FRACTION = 20  # the bad-sample fraction is judged once this many samples were read
@@ -107,7 +108,7 @@ class TrainSettings(BaseModel):
     # output_dir already has checkpoints, unless overwrite).
     resume: str | None = "latest"
     overwrite: bool = False
-    optimizer: Literal["prodigy", "adamw"] = "prodigy"
+    optimizer: Literal["prodigy", "adamw", "adamw8bit"] = "prodigy"  # adamw8bit: bitsandbytes, CUDA
     lr: float = Field(1.0, gt=0)  # Prodigy's multiplier on its own estimate (1.0); AdamW's learning rate
     weight_decay: float = Field(0.01, ge=0)
     attention_backend: Literal["auto", "math", "flash", "efficient", "cudnn"] = "auto"
@@ -130,7 +131,8 @@ class TrainResult:
 
 def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], settings: TrainSettings
                     ) -> torch.optim.Optimizer:
-    """Prodigy (REFERENCE.md A²BFR: bias correction, safeguard warm-up, weight decay) or AdamW over ``params``."""
+    """Prodigy (REFERENCE.md A²BFR: bias correction, safeguard warm-up, weight decay), AdamW, or bitsandbytes'
+    8-bit AdamW (CUDA) over ``params``."""
     params = list(params)
     if not params:
         raise ValueError("no trainable parameters: set requires_grad on the parameters to train (e.g. the LoRA)")
@@ -140,6 +142,10 @@ def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], setti
         with contextlib.redirect_stdout(io.StringIO()):  # Prodigy prints "Using decoupled weight decay"
             return Prodigy(params, lr=settings.lr, weight_decay=settings.weight_decay, use_bias_correction=True,
                            safeguard_warmup=True)
+    if settings.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 

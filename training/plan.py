@@ -185,14 +185,17 @@ def farl_params(spec: str, store) -> int:
     return _count(_meta(FaRLAttributeModel))  # the constructor's defaults are FaRL ViT-B/16's
 
 
-def a2bfr_plan(cfg, *, batch_size: int | None = None, base_dtype: str = "bf16", text_cache: bool = False,
+def a2bfr_plan(cfg, *, batch_size: int | None = None, base_dtype: str | None = None, text_cache: bool | None = None,
                optimizer: str | None = None) -> Plan:
-    """A²BFR training's plan for ``cfg`` (a PipelineConfig: its ``a2bfr`` section and model specs)."""
+    """A²BFR training's plan for ``cfg`` (a PipelineConfig: its ``a2bfr`` section and model specs); arguments
+    left None take the section's values."""
     from attrface_pipeline.models.store import ModelStore
     from training.a2bfr.model import add_condition_lora, freeze_unused_lora
 
     a = cfg.a2bfr
     batch = batch_size or a.batch_size
+    base_dtype = base_dtype or getattr(a, "base_dtype", "bf16")
+    text_cache = getattr(a, "text_cache", False) if text_cache is None else text_cache
     store = ModelStore(cfg.paths.cache_dir, allow_download=False)
     parts = flux_parts(cfg.models.flux, store)
     transformer = parts["transformer"]
@@ -280,3 +283,47 @@ def roboface_plan(cfg, *, batch_size: int | None = None, text_cache: bool = Fals
     activations = {"UNet + ControlNet": batch * ROBOFACE_GIB_PER_SAMPLE_512 * (r.resolution / 512) ** 2}
     return Plan("RoboFace stage II", {"profile": cfg.profile, "batch": batch, "resolution": r.resolution,
                                       "N": r.num_tokens, "text_cache": text_cache}, components, activations)
+
+
+def train_config_plan(cfg, *, batch_size: int | None = None, base_dtype: str | None = None,
+                      text_cache: bool | None = None, gradient_checkpointing: bool | None = None) -> Plan:
+    """:func:`a2bfr_plan` of an A2BFRTrainConfig (what the trainer runs), with optional changes."""
+    from types import SimpleNamespace
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    section = SimpleNamespace(
+        batch_size=d.batch_size, lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, optimizer=t.optimizer,
+        mixed_precision=t.mixed_precision, mode=d.mode, resolution=m.resolution,
+        max_sequence_length=m.max_sequence_length, aal_weight=cfg.loss.aal_weight, sdt_weight=cfg.loss.sdt_weight,
+        gradient_checkpointing=t.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing)
+    run = SimpleNamespace(a2bfr=section, profile="run", models=SimpleNamespace(flux=m.base, farl=m.farl),
+                          paths=SimpleNamespace(cache_dir=Path(cfg.cache_dir)))
+    return a2bfr_plan(run, batch_size=batch_size, base_dtype=base_dtype or m.base_dtype,
+                      text_cache=bool(cfg.text_cache) if text_cache is None else text_cache)
+
+
+class PlanDoesNotFit(RuntimeError):
+    """The run's estimated peak exceeds the GPU (the message names what would fit)."""
+
+
+def check_fits(plan_with, device_properties, *, margin: float = 0.95) -> Plan:
+    """Refuse a run whose estimated peak exceeds ``margin`` of the device's memory; ``plan_with(**changes)``
+    makes the run's plan with changes. The message names the first change (text cache, nf4 base, batch 1,
+    checkpointing) that fits, or says none does."""
+    plan = plan_with()
+    budget = device_properties.total_memory / GIB * margin
+    if plan.peak_gib <= budget:
+        return plan
+    tried = [({"text_cache": True}, "a2bfr.text_cache: true (materialize text_embeddings)"),
+             ({"text_cache": True, "base_dtype": "nf4"}, "a2bfr.text_cache: true and a2bfr.base_dtype: nf4"),
+             ({"text_cache": True, "base_dtype": "nf4", "batch_size": 1},
+              "a2bfr.text_cache: true, a2bfr.base_dtype: nf4 and a2bfr.batch_size: 1"),
+             ({"text_cache": True, "base_dtype": "nf4", "batch_size": 1, "gradient_checkpointing": True},
+              "the above with gradient checkpointing")]
+    fits = next(((what, p) for change, what in tried if (p := plan_with(**change)).peak_gib <= budget), None)
+    name = getattr(device_properties, "name", "this GPU")
+    advice = (f"{fits[0]} would fit (est. {fits[1].peak_gib:.1f} GiB)" if fits else
+              "no combination of the text cache, an nf4 base, batch 1 and checkpointing fits: use a larger GPU")
+    raise PlanDoesNotFit(f"this run's estimated peak, {plan.peak_gib:.1f} GiB, exceeds {name}'s "
+                         f"{device_properties.total_memory / GIB:.1f} GiB: {advice}. `attrface train-a2bfr --plan` "
+                         f"prints the plan; memory_check: false runs anyway")

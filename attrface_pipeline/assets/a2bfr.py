@@ -19,7 +19,7 @@ from attrface_pipeline.assets.experiments import A2BFR_EXPERIMENTS, ONE_PER_RUN,
 from attrface_pipeline.assets.publish import PUBLISH_DIR, attrface_shards
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.training import run_training_subprocess
-from attrface_pipeline.builders import a2bfr_train_config, experiment_config, text_cache_dir
+from attrface_pipeline.builders import a2bfr_train_config, build_text_embeddings, experiment_config, text_cache_dir
 from attrface_pipeline.remote import synced
 
 
@@ -48,39 +48,13 @@ class A2BFRRun(dg.Config):
     op_tags=gpu_op_tags(),
 )
 def text_embeddings(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
-    import torch
-
-    from attrface_pipeline.models.device import resolve_device
-    from attrface_pipeline.models.store import ModelStore, model_fingerprint
-    from training.a2bfr.pipeline import A2BFRPipeline
-    from training.a2bfr.train import weight_dtype
-    from training.text_cache import build_cache, shard_prompts
-
     cfg = attrface.pipeline_config()
-    a = cfg.a2bfr
     folder = text_cache_dir(cfg)
     relative = folder.relative_to(cfg.paths.data_root)
     with synced(cfg.paths, pull=[PUBLISH_DIR, relative], push=[relative]):
-        prompts = shard_prompts(cfg.paths.data_root / PUBLISH_DIR)
-        dtype = weight_dtype(a.mixed_precision)
-        device = resolve_device("auto")
-        pipe = None
-
-        def encode(batch: list[str]):
-            nonlocal pipe
-            if pipe is None:  # only when something is missing: a complete cache loads no model
-                path = ModelStore.from_config(cfg).resolve(cfg.models.flux)
-                pipe = A2BFRPipeline.from_pretrained(path, dtype=dtype, transformer=None, vae=None).to(device)
-            with torch.no_grad():
-                embeds, pooled, _ = pipe.encode_prompt(prompt=batch, prompt_2=None, device=device,
-                                                       max_sequence_length=a.max_sequence_length)
-            return embeds, pooled
-
-        meta = {"model": model_fingerprint(cfg.models.flux), "max_sequence_length": a.max_sequence_length,
-                "dtype": str(dtype).removeprefix("torch.")}
-        summary = build_cache(encode, prompts, folder, meta=meta, log=context.log.info)
+        summary = build_text_embeddings(cfg, log=context.log.info)
     return dg.MaterializeResult(metadata={**summary, "path": dg.MetadataValue.path(str(folder)),
-                                          "gib": round(summary["bytes"] / 1024**3, 3), **meta})
+                                          "gib": round(summary["bytes"] / 1024**3, 3)})
 
 
 @dg.asset(

@@ -30,6 +30,9 @@ class ModelSettings(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     condition_attends: Literal["all", "self"] = Field(
         "all", description="all: condition tokens attend every token (paper); self: only themselves (KV cache)")
+    base_dtype: Literal["bf16", "fp8", "nf4"] = Field(
+        "bf16", description="the frozen transformer's storage: bf16 (unquantized, the mixed-precision dtype), fp8 "
+        "(torchao weight-only) or nf4 (bitsandbytes); the LoRA trains in fp32 above it (training/quantize.py)")
     resolution: int = Field(512, ge=16, description="square training and restore size (multiple of 16)")
     max_sequence_length: int = Field(512, ge=8, description="T5 tokens (FLUX.1-dev: 512)")
 
@@ -75,6 +78,8 @@ class A2BFRTrainConfig(_Strict):
     allow_download: bool = False
     text_cache: str | None = Field(None, description="a text-embedding cache folder (training/text_cache.py): the "
                                    "text encoders are not loaded; None: they encode every batch's prompts")
+    memory_check: bool = Field(True, description="on a GPU, refuse a run whose memory plan exceeds the device "
+                               "(training/plan.py), naming the option that would fit")
 
     @model_validator(mode="after")
     def _data_fits(self) -> A2BFRTrainConfig:

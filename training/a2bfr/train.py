@@ -42,6 +42,10 @@ def load_models(cfg: A2BFRTrainConfig, device: torch.device) -> tuple[A2BFRPipel
     from attrface_pipeline.models.farl import load_attribute_model
     from attrface_pipeline.models.store import ModelStore
 
+    from training.quantize import check_base_dtype, check_optimizer, load_quantized_transformer
+
+    check_base_dtype(cfg.model.base_dtype, device)  # before any weight is read
+    check_optimizer(cfg.train.optimizer, device)
     store = ModelStore(cfg.cache_dir, allow_download=cfg.allow_download)
     dtype = weight_dtype(cfg.train.mixed_precision)
     cache = None
@@ -51,7 +55,10 @@ def load_models(cfg: A2BFRTrainConfig, device: torch.device) -> tuple[A2BFRPipel
 
         cache = TextEmbeddingCache(cfg.text_cache)
         without = {"text_encoder": None, "text_encoder_2": None, "tokenizer": None, "tokenizer_2": None}
-    pipe = A2BFRPipeline.from_pretrained(store.resolve(cfg.model.base), dtype=dtype, **without)
+    base = store.resolve(cfg.model.base)
+    if cfg.model.base_dtype != "bf16":  # QLoRA: the frozen weights quantized on load, the LoRA in fp32 above them
+        without["transformer"] = load_quantized_transformer(base, cfg.model.base_dtype, torch.bfloat16)
+    pipe = A2BFRPipeline.from_pretrained(base, dtype=dtype, **without)
     pipe.text_cache = cache
     pipe.set_progress_bar_config(disable=True)
     for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
@@ -72,6 +79,15 @@ def load_models(cfg: A2BFRTrainConfig, device: torch.device) -> tuple[A2BFRPipel
     farl = load_attribute_model(store.resolve(cfg.model.farl))
     farl = (farl.to(device) if farl.dtype == dtype else farl.to(device, dtype)).eval().requires_grad_(False)
     return pipe, farl
+
+
+def run_record(cfg: A2BFRTrainConfig) -> dict:
+    """The config a checkpoint records and a resume is checked against. The unquantized base is recorded by
+    omission, as runs made before ``base_dtype`` existed record it, so they resume."""
+    record = cfg.model_dump(mode="json")
+    if record["model"]["base_dtype"] == "bf16":
+        del record["model"]["base_dtype"]
+    return record
 
 
 def lora_record(cfg: A2BFRTrainConfig) -> dict:
@@ -105,6 +121,10 @@ def train(cfg: A2BFRTrainConfig, *, log: Callable[[str], None] = print) -> tuple
 
     set_attention_backend(cfg.train.attention_backend)
     state = PartialState()
+    if cfg.memory_check and state.device.type == "cuda":
+        from training.plan import check_fits, train_config_plan
+
+        check_fits(lambda **kw: train_config_plan(cfg, **kw), torch.cuda.get_device_properties(state.device))
     torch.manual_seed(cfg.train.seed)
     pipe, farl = load_models(cfg, state.device)
     model = ConditionedFlux(pipe.transformer, condition_attends=cfg.model.condition_attends,
@@ -130,7 +150,7 @@ def train(cfg: A2BFRTrainConfig, *, log: Callable[[str], None] = print) -> tuple
 
     trainer = Trainer(cfg.train, model=model, loader_factory=lambda epoch: make_loader(data, epoch=epoch),
                       step_fn=step_fn, save_fn=save_fn,
-                      config={**cfg.model_dump(mode="json"), DATA_FINGERPRINT: data_fingerprint(data)},
+                      config={**run_record(cfg), DATA_FINGERPRINT: data_fingerprint(data)},
                       on_checkpoint=lambda step, folder: render(folder), log=log)
     result = trainer.fit()
     render(out)
