@@ -216,3 +216,150 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
+
+
+# -- the acceptance run: every GPU row of docs/benchmarks.md in one command ---------------------------------------
+GOALS = {"a2bfr_nf4_b1_peak_gib": ("≤ 22.4 GiB (24 GB: fits a 4090)", lambda v: v <= 22.35),
+         "a2bfr_bf16_b8_peak_gib": ("≤ 37.3 GiB (40 GB)", lambda v: v <= 37.25),
+         "a2bfr_bf16_b8_s_per_sample": ("≤ 0.35 s/sample", lambda v: v <= 0.35),
+         "a2bfr_restore_cache_s_per_face": ("≤ 1.9 s/face", lambda v: v <= 1.9)}
+DOCS_START, DOCS_END = "<!-- bench-gpu --all: start -->", "<!-- bench-gpu --all: end -->"
+
+
+def _script(name: str, args: list[str], out: Path, log, timeout: int) -> dict:
+    """Run ``benchmarks/<name>`` with ``--json``; its JSON, or {"note": why not}."""
+    import subprocess
+    import sys
+
+    from attrface_pipeline.config import PROJECT_ROOT
+
+    script = PROJECT_ROOT / "benchmarks" / name
+    if not script.is_file():
+        return {"note": f"n/a: {script} missing (bench-gpu --all runs from a checkout)"}
+    path = out / f"{Path(name).stem}.json"
+    path.unlink(missing_ok=True)
+    cmd = [sys.executable, str(script), *args, "--json", str(path)]
+    log(" ".join(cmd[1:]))
+    try:
+        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"note": f"n/a: timed out after {timeout} s"}
+    if proc.returncode != 0 or not path.is_file():
+        return {"note": f"failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-400:]}"}
+    return json.loads(path.read_text())
+
+
+def _farl_rate(device: torch.device, dtype: torch.dtype, batch: int, repeats: int) -> dict:
+    """FaRL ViT-B/16 (the published architecture, random weights) faces/s at 224²."""
+    from attrface_pipeline.models.farl import FaRLAttributeModel
+
+    model = FaRLAttributeModel().to(device, dtype).eval()
+    x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
+    with torch.inference_mode():
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return {"batch": batch, "faces_per_s": round(batch * repeats / (time.perf_counter() - t0), 1)}
+
+
+def _row(rows: list[dict], **match) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def run_all(out: Path, log=print) -> dict:
+    """Every GPU row of the README/docs in one run (``attrface bench-gpu --all``): FlowEdit Large batch 8 compiled,
+    the A²BFR training step at bf16/fp8/nf4 and restore with the condition cache, RoboFace's training step and
+    restore, FaRL faces/s and the evaluation metrics; published architectures with random weights on CUDA, the
+    tiny models (a few seconds each) on a CPU. Writes ``bench_gpu.json`` and ``bench_gpu.md`` in ``out``."""
+    from datetime import datetime, timezone
+
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    t0 = time.perf_counter()
+    parts: dict = {}
+    log("FlowEdit")
+    parts["flowedit"] = run_benchmark(["large"] if cuda else ["tiny"], ["compiled"] if cuda else ["eager"],
+                                      [8] if cuda else [1], None, 512, 2 if cuda else 1, log=log)
+    quick = [] if cuda else ["--steps", "2", "--repeats", "1", "--warmup", "0"]
+    parts["a2bfr_bf16"] = _script("a2bfr_speed.py", ["--batch", "1", "8", "--train-attends", "self"] if cuda else
+                                  ["--batch", "1", "--train-attends", "self", *quick], out, log, 300)
+    for base in ("fp8", "nf4"):
+        parts[f"a2bfr_{base}"] = _script("a2bfr_speed.py", ["--base-dtype", base, "--parts", "train", "--batch", "1",
+                                                            "8", "--train-attends", "self"] if cuda else
+                                         ["--base-dtype", base, "--parts", "train", "--batch", "1", *quick],
+                                         out, log, 240)
+    parts["roboface"] = _script("roboface_speed.py", [] if cuda else ["--batch", "2", *quick], out, log, 240)
+    log("FaRL")
+    parts["farl"] = _farl_rate(device, torch.bfloat16 if cuda else torch.float32, 64 if cuda else 4,
+                               10 if cuda else 1)
+    parts["eval"] = _script("eval_metrics_speed.py", ["--images", "64", "--size", "512"] if cuda else
+                            ["--images", "4", "--size", "128"], out, log, 180)
+    summary = _summary(parts)
+    result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu (tiny models: not the papers' costs)",
+              "when": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - t0, 1),
+              "summary": summary, "restore_s_per_face": {
+                  k: summary.get(f"{k}_restore_cache_s_per_face" if k == "a2bfr" else f"{k}_restore_s_per_face")
+                  for k in ("a2bfr", "roboface")} if cuda else {}, "parts": parts}
+    (out / "bench_gpu.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "bench_gpu.md").write_text(all_table(result) + "\n")
+    return result
+
+
+def _summary(parts: dict) -> dict:
+    s: dict = {}
+    fe = parts["flowedit"]["rows"]
+    if fe:
+        s["flowedit_s_per_pair"] = fe[0]["s_per_pair"]
+    for base in ("bf16", "fp8", "nf4"):
+        rows = parts[f"a2bfr_{base}"].get("rows", [])
+        for batch in (1, 8):
+            r = _row(rows, part="train", variant="self", batch=batch)
+            if r:
+                s[f"a2bfr_{base}_b{batch}_s_per_sample"] = round(r["per_sample"], 4)
+                s[f"a2bfr_{base}_b{batch}_peak_gib"] = r["peak_gib"]
+    r = _row(parts["a2bfr_bf16"].get("rows", []), part="restore", variant="cache", batch=1)
+    if r:
+        s["a2bfr_restore_cache_s_per_face"] = round(r["seconds"], 4)
+    rows = parts["roboface"].get("rows", [])
+    r = next((r for r in rows if r["part"] == "train" and r["dca"] == "on"), None)
+    if r:
+        s["roboface_train_s_per_sample"], s["roboface_train_peak_gib"] = round(r["per_item"], 5), r["peak_gib"]
+    r = next((r for r in rows if r["part"] == "restore" and r["dca"] == "on"), None)
+    if r:
+        s["roboface_restore_s_per_face"] = round(r["per_item"], 4)
+    s["farl_faces_per_s"] = parts["farl"]["faces_per_s"]
+    for name, m in (parts["eval"].get("metrics") or {}).items():
+        s[f"eval {name} img/s"] = m["img_s"]
+    return s
+
+
+def all_table(result: dict) -> str:
+    """The acceptance run as the docs' markdown table: each figure, its goal where one is set, and whether met."""
+    s, parts = result["summary"], result["parts"]
+    lines = [f"{result['device']}, {result['when']}, {result['seconds']:.0f} s in all", "",
+             "| figure | measured | goal |", "|---|---|---|"]
+    gpu = not result["device"].startswith("cpu")
+    for key, value in s.items():
+        goal, ok = GOALS.get(key, ("", None))
+        mark = "" if ok is None or value is None or not gpu else (" ✓" if ok(value) else " ✗")
+        lines.append(f"| {key} | {'—' if value is None else value}{mark} | {goal} |")
+    for name, part in parts.items():
+        if isinstance(part, dict) and part.get("note"):
+            lines.append(f"| {name} | {part['note'][:200]} | |")
+    return "\n".join(lines)
+
+
+def update_docs(result: dict, docs: Path) -> bool:
+    """Replace the table between the bench-gpu markers of ``docs`` (docs/benchmarks.md); False if no markers."""
+    text = docs.read_text()
+    if DOCS_START not in text or DOCS_END not in text:
+        return False
+    head, rest = text.split(DOCS_START, 1)
+    docs.write_text(head + DOCS_START + "\n" + all_table(result) + "\n" + DOCS_END + rest.split(DOCS_END, 1)[1])
+    return True

@@ -554,10 +554,31 @@ def bench_gpu(
     resolution: int = typer.Option(512),
     repeats: int = typer.Option(2),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
+    all_rows: bool = typer.Option(False, "--all", help="the acceptance run: every GPU row of docs/benchmarks.md "
+                                  "(FlowEdit, A²BFR train bf16/fp8/nf4 + restore, RoboFace, FaRL, metrics) into "
+                                  "<data_root>/benchmarks_gpu/bench_gpu.json and .md"),
+    update_docs: bool = typer.Option(False, "--update-docs", help="with --all: write the table into "
+                                     "docs/benchmarks.md"),
 ) -> None:
     """FlowEdit cost at the full profile's parameters: SD3.5 Large/Medium from their configs with random weights on
-    CUDA (eager, compiled, float8; batch 1/4/8), the tiny model on a CPU."""
+    CUDA (eager, compiled, float8; batch 1/4/8), the tiny model on a CPU. --all: every GPU row (about 8 minutes on
+    one H100)."""
     from attrface_pipeline.bench_gpu import run_benchmark, table
+
+    if all_rows:
+        from attrface_pipeline.bench_gpu import all_table, run_all
+        from attrface_pipeline.bench_gpu import update_docs as write_docs
+        from attrface_pipeline.config import PROJECT_ROOT, load_config
+
+        out = load_config().paths.data_root / "benchmarks_gpu"
+        result = run_all(out, log=lambda m: typer.echo(m, err=True))
+        typer.echo(all_table(result))
+        typer.echo(f"written: {out / 'bench_gpu.json'}, {out / 'bench_gpu.md'}")
+        if json_out is not None:
+            json_out.write_text(json.dumps(result, indent=2, default=str))
+        if update_docs and write_docs(result, PROJECT_ROOT / "docs" / "benchmarks.md"):
+            typer.echo("docs/benchmarks.md updated")
+        return
 
     for value, allowed, name in ((model, {"large", "medium", "tiny"}, "--model"),
                                  (mode, {"eager", "compiled", "fp8"}, "--mode")):

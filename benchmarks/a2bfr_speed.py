@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU, torch's own on CUDA)")
     parser.add_argument("--cache-dir", default="data/cache", help="model store root (for tiny/flux)")
     parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    parser.add_argument("--json", type=Path, help="also write the rows and the setup as JSON here")
+    parser.add_argument("--base-dtype", choices=["bf16", "fp8", "nf4"], default="bf16",
+                        help="the frozen transformer's storage (fp8: torchao, nf4: bitsandbytes; CUDA only)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build FLUX.1-dev on the meta device, count parameters, check a forward/backward")
     args = parser.parse_args()
@@ -308,10 +312,24 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     dtype = torch.bfloat16 if cuda else torch.float32
 
+    if args.base_dtype != "bf16":
+        from training.quantize import QuantizationUnavailable, check_base_dtype
+
+        try:
+            check_base_dtype(args.base_dtype, device)
+        except QuantizationUnavailable as err:
+            print(f"n/a: {err}")
+            if args.json:
+                args.json.write_text(json.dumps({"base_dtype": args.base_dtype, "rows": [], "note": f"n/a: {err}"}))
+            return
     pipe = None
     t0 = time.perf_counter()
     if args.model == "flux-dev":
         transformer = build_flux_dev(device, dtype)
+        if args.base_dtype != "bf16":
+            from training.quantize import quantize_in_place
+
+            transformer = quantize_in_place(transformer, args.base_dtype)
     else:
         from attrface_pipeline.models.store import ModelStore
         from training.a2bfr.pipeline import A2BFRPipeline
@@ -429,6 +447,11 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "device": name, "model": args.model, "base_dtype": args.base_dtype, "resolution": args.resolution,
+            "steps": args.steps, "rank": args.rank, "parameters": base_params, "trained": count(params),
+            "rows": [{**asdict(r), "per_sample": r.per_sample} for r in rows]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -208,6 +209,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU, torch's own on CUDA)")
     parser.add_argument("--cache-dir", default="data/cache", help="model store root (for tiny/sd2-controlnet)")
     parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    parser.add_argument("--json", type=Path, help="also write the rows and the setup as JSON here")
     args = parser.parse_args()
     import diffusers
 
@@ -299,6 +301,10 @@ def main() -> None:
     print("\n".join(lines))
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "device": where, "model": args.model, "resolution": args.resolution, "steps": args.steps,
+            "num_tokens": args.num_tokens, "rows": [{**asdict(r), "per_item": r.per_item} for r in rows]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -76,3 +76,34 @@ def load_quantized_transformer(path, base_dtype: str, compute_dtype: torch.dtype
         raise ValueError(f"{base_dtype} is not a quantized base dtype")
     return FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", quantization_config=quant,
                                                   torch_dtype=compute_dtype)
+
+
+def quantize_in_place(module: torch.nn.Module, base_dtype: str, compute_dtype: torch.dtype = torch.bfloat16):
+    """Quantize a built module's linear layers (random-weight architectures in the GPU benchmark; cost does not
+    depend on weight values): the layer types ``load_quantized_transformer`` gives, without a checkpoint. CUDA."""
+    if base_dtype == "fp8":
+        from torchao.quantization import quantize_
+
+        try:
+            from torchao.quantization import Float8WeightOnlyConfig
+
+            quantize_(module, Float8WeightOnlyConfig())
+        except ImportError:  # older torchao
+            from torchao.quantization import float8_weight_only
+
+            quantize_(module, float8_weight_only())
+        return module
+    if base_dtype != "nf4":
+        raise ValueError(f"{base_dtype} is not a quantized base dtype")
+    import bitsandbytes as bnb
+
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=compute_dtype, quant_type="nf4")
+                layer.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    layer.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+                setattr(parent, name, layer)
+    return module.to("cuda")  # bitsandbytes quantizes the weights as they move to the GPU

@@ -292,9 +292,12 @@ def _run_child(context: dg.OpExecutionContext, job: str, partition: str | None) 
     result = dg.execute_job(dg.reconstructable(RUNNABLE_JOBS[job]), instance=context.instance,
                             run_config=_child_run_config(context), tags=tags, raise_on_error=False)
     if not result.success:
+        failures = [e for e in result.all_events if e.is_step_failure]
+        why = "; ".join(f"{e.step_key}: {e.step_failure_data.error.message.strip()[:300]}" for e in failures[:3]
+                        if e.step_failure_data and e.step_failure_data.error)
         raise dg.Failure(f"reproduce stopped: run {result.run_id} ({job}" + (f" [{partition}]" if partition else "")
-                         + ") failed; see it in the UI or `dagster run logs`; re-running reproduce resumes",
-                         metadata={"failed_run": result.run_id})
+                         + f") failed{': ' + why if why else ''}. Its logs are in the UI; re-running reproduce "
+                         f"resumes", metadata={"failed_run": result.run_id})
 
 
 @dg.op(description="Every run of the reproduction in order: dataset, benchmark sets, the selected experiments "
