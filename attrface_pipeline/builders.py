@@ -172,7 +172,53 @@ def a2bfr_train_config(cfg: PipelineConfig, *, shards: str, output_dir: str | No
                      "gradient_checkpointing": a.gradient_checkpointing}
     if a.text_cache:  # not part of the run's name: the same embeddings, computed once instead of every step
         body["text_cache"] = str(text_cache_dir(cfg))
+    if a.latent_cache:  # the same: the GT posteriors are the encoder's, read instead of recomputed
+        body["latent_cache"] = str(latent_cache_dir(cfg))
     return A2BFRTrainConfig.model_validate(body)
+
+
+LATENT_DIR = "gt_latents"
+
+
+def latent_cache_dir(cfg: PipelineConfig):
+    """Where the gt_latents asset stores the train split's GT posteriors for models.flux's VAE at the a2bfr
+    section's resolution and precision: ``<data_root>/gt_latents/<fingerprint>``."""
+    from attrface_pipeline.models.store import model_fingerprint
+    from training.text_cache import cache_fingerprint
+
+    a = cfg.a2bfr
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(a.mixed_precision, "float32")
+    return cfg.paths.data_root / LATENT_DIR / cache_fingerprint(model_fingerprint(cfg.models.flux), a.resolution,
+                                                                dtype)
+
+
+def build_gt_latents(cfg: PipelineConfig, log=print) -> dict:
+    """Encode the train split's GT faces the cache lacks with models.flux's VAE (loaded only when something is
+    missing) into :func:`latent_cache_dir`; the ``gt_latents`` asset and ``attrface train-a2bfr`` run it."""
+    import torch
+
+    from attrface_pipeline.models.store import model_fingerprint
+    from training.a2bfr.train import weight_dtype
+    from training.latent_cache import build_latent_cache
+
+    a = cfg.a2bfr
+    dtype = weight_dtype(a.mixed_precision)
+    device = resolve_device("auto")
+    vae = None
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        nonlocal vae
+        if vae is None:
+            from diffusers import AutoencoderKL
+
+            path = ModelStore.from_config(cfg).resolve(cfg.models.flux)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype).to(device).eval()
+        with torch.no_grad():
+            return vae.encode(images.to(device).to(dtype)).latent_dist.parameters
+
+    meta = {"model": model_fingerprint(cfg.models.flux), "dtype": str(dtype).removeprefix("torch.")}
+    return {**build_latent_cache(encode, cfg.paths.data_root / "attrface_shards", latent_cache_dir(cfg),
+                                 resolution=a.resolution, meta=meta, log=log), **meta}
 
 
 TEXT_DIR = "text_embeddings"

@@ -204,7 +204,7 @@ def train_a2bfr_command(
 ) -> None:
     """Train A²BFR from the command line: the code the a2bfr_lora asset runs (`accelerate launch -m
     training.a2bfr.train`), on the published shards, resuming the run folder of the same settings."""
-    from attrface_pipeline.builders import a2bfr_train_config, build_text_embeddings
+    from attrface_pipeline.builders import a2bfr_train_config, build_gt_latents, build_text_embeddings
     from training.plan import a2bfr_plan
 
     if base_dtype not in (None, "bf16", "fp8", "nf4"):
@@ -223,6 +223,9 @@ def train_a2bfr_command(
     if cfg.a2bfr.text_cache:
         summary = build_text_embeddings(cfg, log=lambda m: typer.echo(m, err=True))
         typer.echo(f"text embeddings: {summary['prompts']} prompts ({summary['encoded']} encoded now)", err=True)
+    if cfg.a2bfr.latent_cache:
+        summary = build_gt_latents(cfg, log=lambda m: typer.echo(m, err=True))
+        typer.echo(f"GT latents: {summary['items']} faces ({summary['encoded']} encoded now)", err=True)
     train_cfg = a2bfr_train_config(cfg, shards=str(shards))
     train_cfg.train.resume = None if resume == "none" else resume
     train_cfg.train.overwrite = overwrite

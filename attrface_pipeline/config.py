@@ -344,6 +344,8 @@ class A2BFRConfig(_Strict):
     sample_steps: int = Field(4, ge=1)
     text_cache: bool = Field(True, description="train on the text_embeddings asset's cached prompt embeddings, "
                              "without loading the text encoders; false: encode every batch's prompts")
+    latent_cache: bool = Field(True, description="read the GT images' VAE posteriors from the gt_latents asset "
+                               "instead of encoding them every step (the LQ stays online)")
     output_dir: Path | None = Field(None, description="run folder; default <data_root>/models/a2bfr/<config hash>")
 
 

@@ -22,7 +22,7 @@ import os
 
 import dagster as dg
 
-from attrface_pipeline.assets.a2bfr import a2bfr_lora, text_embeddings
+from attrface_pipeline.assets.a2bfr import a2bfr_lora, gt_latents, text_embeddings
 from attrface_pipeline.assets.attributes import edit_prompts, face_attributes
 from attrface_pipeline.assets.benchmarks import attrface_test, celeba_test_levels, real_lq
 from attrface_pipeline.assets.edits import edits
@@ -44,7 +44,7 @@ CHUNK_ASSETS = [raw_images, faces, face_identities, face_attributes, edit_prompt
 PUBLISH_ASSETS = [attrface_shards, dataset_card]
 DATASET_ASSETS = CHUNK_ASSETS + PUBLISH_ASSETS
 BENCHMARK_ASSETS = [attrface_test, celeba_test_levels, real_lq]
-MODEL_ASSETS = [text_embeddings, a2bfr_lora, roboface_captions, roboface_stage1, roboface_model]
+MODEL_ASSETS = [text_embeddings, gt_latents, a2bfr_lora, roboface_captions, roboface_stage1, roboface_model]
 EVAL_ASSETS = [eval_report, a2bfr_eval, roboface_eval, baseline_eval, paper_report]
 
 
@@ -99,7 +99,7 @@ def _default_experiment(model: str) -> dict[str, str]:
 
 train_a2bfr = dg.define_asset_job(
     "train_a2bfr",
-    selection=[text_embeddings, a2bfr_lora],
+    selection=[text_embeddings, gt_latents, a2bfr_lora],
     tags=_default_experiment("a2bfr"),
     description="Train the A²BFR LoRA on the published shards (after build_dataset); resumes an interrupted run. "
     "The default experiment unless the dagster/partition tag names another.",
@@ -115,7 +115,7 @@ train_roboface = dg.define_asset_job(
 
 a2bfr_experiment = dg.define_asset_job(
     "a2bfr_experiment",
-    selection=[text_embeddings, a2bfr_lora, a2bfr_eval],
+    selection=[text_embeddings, gt_latents, a2bfr_lora, a2bfr_eval],
     tags=_default_experiment("a2bfr"),
     description="Train and evaluate one A²BFR experiment (its partition; after build_dataset and build_benchmarks).",
 )

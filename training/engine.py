@@ -67,7 +67,7 @@ ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "resume", "overwrite",
     "attention_backend", "gradient_checkpointing", "accept_data_change", "max_bad_fraction", "text_cache",
-    "memory_check",
+    "latent_cache", "memory_check",
 })
 DATA_FINGERPRINT = "data_fingerprint"  # the config key trainers record the data under (training.data.data_fingerprint)
 MIN_SAMPLES_FOR_BAD_FRACTION = 20  # the bad-sample fraction is judged once this many samples were read

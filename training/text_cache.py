@@ -116,21 +116,22 @@ class TextEmbeddingCache:
         return embeds, pooled, text_ids
 
 
-def build_cache(encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]], prompts: Iterable[str],
-                folder: str | Path, *, meta: dict, batch_size: int = 16,
-                log: Callable[[str], None] = print) -> dict:
-    """Encode the prompts the cache lacks (``encode(batch) -> (embeds, pooled)``) and write them as new parts.
-    Returns {prompts, encoded, cached, parts, bytes}."""
+def write_entries(folder: str | Path, items: Sequence[tuple[str, str, object]],
+                  encode: Callable[[list], dict[str, torch.Tensor]], *, meta: dict, batch_size: int = 16,
+                  log: Callable[[str], None] = print, what: str = "entries") -> dict:
+    """The cache machinery both caches share: ``items`` are (id, label, payload); those whose id the index lacks
+    are encoded in batches (``encode(payloads) -> {tensor name: (B, ...) tensor}``) and written as new part files,
+    each tensor under ``"<id>.<name>"``. Parts are written whole and renamed into place, then the index.
+    Returns {items, encoded, cached, parts, bytes}."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index_path = folder / INDEX
     index: dict[str, list[str]] = json.loads(index_path.read_text()) if index_path.is_file() else {}
-    prompts = list(dict.fromkeys(prompts))
-    todo = [p for p in prompts if prompt_key(p) not in index]
-    parts = sorted(folder.glob("part-*.safetensors"))
-    next_part = len(parts)
+    items = list({item[0]: item for item in items}.values())
+    todo = [item for item in items if item[0] not in index]
+    next_part = len(sorted(folder.glob("part-*.safetensors")))
     shapes: dict = {}
     for start in range(0, len(todo), PART_SIZE):
         chunk = todo[start:start + PART_SIZE]
@@ -138,22 +139,37 @@ def build_cache(encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
         for b in range(0, len(chunk), batch_size):
             batch = chunk[b:b + batch_size]
             with torch.no_grad():
-                embeds, pooled = encode(batch)
-            for p, e, q in zip(batch, embeds, pooled):
-                key = prompt_key(p)
-                tensors[f"{key}.embeds"] = e.detach().to("cpu").contiguous()
-                tensors[f"{key}.pooled"] = q.detach().to("cpu").contiguous()
-                shapes = {"embeds": list(e.shape), "pooled": list(q.shape), "dtype": str(e.dtype)}
+                encoded = encode([payload for _, _, payload in batch])
+            for name, values in encoded.items():
+                for (key, _, _), value in zip(batch, values):
+                    tensors[f"{key}.{name}"] = value.detach().to("cpu").contiguous()
+                shapes[name] = [list(values.shape[1:]), str(values.dtype)]
         name = f"part-{next_part:05d}.safetensors"
         tmp = folder / f".tmp-{name}"
         save_file(tensors, str(tmp))
         tmp.rename(folder / name)
         next_part += 1
-        index.update({prompt_key(p): [name, p] for p in chunk})
+        index.update({key: [name, label] for key, label, _ in chunk})
         atomic_write_json(index_path, index)
-        log(f"text embeddings: {min(start + PART_SIZE, len(todo))}/{len(todo)} new prompts encoded")
+        log(f"{what}: {min(start + PART_SIZE, len(todo))}/{len(todo)} new ones encoded")
     old = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}
     atomic_write_json(folder / META, {**old, **meta, **({"shapes": shapes} if shapes else {})})
     size = sum(p.stat().st_size for p in folder.glob("part-*.safetensors"))
-    return {"prompts": len(prompts), "encoded": len(todo), "cached": len(prompts) - len(todo),
-            "parts": next_part, "bytes": size}
+    return {"items": len(items), "encoded": len(todo), "cached": len(items) - len(todo), "parts": next_part,
+            "bytes": size}
+
+
+def build_cache(encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]], prompts: Iterable[str],
+                folder: str | Path, *, meta: dict, batch_size: int = 16,
+                log: Callable[[str], None] = print) -> dict:
+    """Encode the prompts the cache lacks (``encode(batch) -> (embeds, pooled)``) and write them as new parts.
+    Returns {prompts, encoded, cached, parts, bytes}."""
+
+    def tensors(batch: list[str]) -> dict[str, torch.Tensor]:
+        embeds, pooled = encode(batch)
+        return {"embeds": embeds, "pooled": pooled}
+
+    items = [(prompt_key(p), p, p) for p in dict.fromkeys(prompts)]
+    summary = write_entries(folder, items, tensors, meta=meta, batch_size=batch_size, log=log,
+                            what="text embeddings")
+    return {"prompts": summary.pop("items"), **summary}

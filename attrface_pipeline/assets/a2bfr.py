@@ -19,7 +19,8 @@ from attrface_pipeline.assets.experiments import A2BFR_EXPERIMENTS, ONE_PER_RUN,
 from attrface_pipeline.assets.publish import PUBLISH_DIR, attrface_shards
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.training import run_training_subprocess
-from attrface_pipeline.builders import a2bfr_train_config, build_text_embeddings, experiment_config, text_cache_dir
+from attrface_pipeline.builders import (a2bfr_train_config, build_gt_latents, build_text_embeddings,
+                                        experiment_config, latent_cache_dir, text_cache_dir)
 from attrface_pipeline.remote import synced
 
 
@@ -58,7 +59,27 @@ def text_embeddings(context: dg.AssetExecutionContext, attrface: AttrFaceConfig)
 
 
 @dg.asset(
-    deps=[attrface_shards, text_embeddings],
+    deps=[attrface_shards],
+    description="The train split's GT faces through models.flux's VAE once, at the training resolution: their "
+    "posteriors stored beside the shards, so A²BFR training draws GT latents from them instead of encoding fixed "
+    "images every step (the LQ stays online).",
+    group_name="models",
+    kinds={"pytorch", "safetensors"},
+    pool="gpu",
+    op_tags=gpu_op_tags(),
+)
+def gt_latents(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
+    cfg = attrface.pipeline_config()
+    folder = latent_cache_dir(cfg)
+    relative = folder.relative_to(cfg.paths.data_root)
+    with synced(cfg.paths, pull=[PUBLISH_DIR, relative], push=[relative]):
+        summary = build_gt_latents(cfg, log=context.log.info)
+    return dg.MaterializeResult(metadata={**summary, "path": dg.MetadataValue.path(str(folder)),
+                                          "gib": round(summary["bytes"] / 1024**3, 3)})
+
+
+@dg.asset(
+    deps=[attrface_shards, text_embeddings, gt_latents],
     partitions_def=A2BFR_EXPERIMENTS,
     backfill_policy=ONE_PER_RUN,
     description="A²BFR LoRA (Flux + condition tokens, attribute-aware loss, semantic dual-training) trained on the "
@@ -78,7 +99,7 @@ def a2bfr_lora(context: dg.AssetExecutionContext, attrface: AttrFaceConfig, conf
     processes = overrides["num_processes"] or cfg.a2bfr.num_processes
     context.log.info(f"A²BFR run folder {train_cfg.train.output_dir} ({processes} process(es))")
     run_dir = Path(train_cfg.train.output_dir)
-    cache = [Path(train_cfg.text_cache).relative_to(cfg.paths.data_root)] if train_cfg.text_cache else []
+    cache = [Path(c).relative_to(cfg.paths.data_root) for c in (train_cfg.text_cache, train_cfg.latent_cache) if c]
     with synced(cfg.paths, pull=[PUBLISH_DIR, *cache, run_dir], push=[run_dir]):  # a URL data root: shards in, run out
         results = run_training_subprocess(context, module="training.a2bfr.train",
                                           config=train_cfg.model_dump(mode="json"), output_dir=run_dir,

@@ -68,3 +68,44 @@ def test_a_missing_prompt_is_named(cache):
         c.encode_prompt([""], "cpu", 64)
     with pytest.raises(FileNotFoundError, match="materialize text_embeddings"):
         TextEmbeddingCache(cache.parent / "nowhere")
+
+
+def test_cached_gt_latents_train_like_the_encoder(tmp_path, training_zoo, shard_dir, cache, monkeypatch):
+    """The GT images' posteriors read from the cache give the losses of encoding them every step (dual and single
+    modes), and the VAE encoder then runs on the LQ images only."""
+    from diffusers import AutoencoderKL
+
+    from training.latent_cache import LatentCache, LatentCacheMissError, build_latent_cache
+
+    vae = AutoencoderKL.from_pretrained(training_zoo / "flux", subfolder="vae")
+    folder = tmp_path / "gt_latents"
+    summary = build_latent_cache(lambda x: vae.encode(x).latent_dist.parameters, shard_dir, folder, resolution=64,
+                                 meta={"dtype": "float32"}, batch_size=1, log=lambda m: None)
+    assert summary["encoded"] == summary["items"] > 10
+    encoded = []
+    original = AutoencoderKL.encode
+
+    def counting(self, x, *args, **kwargs):
+        encoded.append(x.shape[0])
+        return original(self, x, *args, **kwargs)
+
+    for mode in ("dual", "single"):
+        def config(name, mode=mode, **extra):
+            cfg = _config(tmp_path, training_zoo, shard_dir, f"{mode}-{name}", cache)
+            return cfg.model_copy(update={"data": cfg.data.model_copy(update={"mode": mode, "lq_from": "random"}),
+                                          **extra})
+
+        monkeypatch.setattr(AutoencoderKL, "encode", counting)
+        encoded.clear()
+        live, _ = train(config("live"), log=lambda m: None)
+        calls_live = len(encoded)
+        encoded.clear()
+        cached, _ = train(config("cached", latent_cache=str(folder)), log=lambda m: None)
+        monkeypatch.setattr(AutoencoderKL, "encode", original)
+        assert len(encoded) == calls_live - 3  # one GT encode fewer in each of the 3 steps: the LQ's remain
+        for ra, rb in zip(read_losses(live.losses_path), read_losses(cached.losses_path), strict=True):
+            assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-7), (mode, ra["step"])
+    with pytest.raises(LatentCacheMissError, match="nobody.src"):
+        LatentCache(folder).parameters(["nobody.src"])
+    with pytest.raises(ValueError, match="holds 64 px faces, the run trains at 128"):
+        LatentCache(folder, resolution=128)

@@ -78,6 +78,8 @@ class A2BFRTrainConfig(_Strict):
     allow_download: bool = False
     text_cache: str | None = Field(None, description="a text-embedding cache folder (training/text_cache.py): the "
                                    "text encoders are not loaded; None: they encode every batch's prompts")
+    latent_cache: str | None = Field(None, description="a GT latent cache folder (training/latent_cache.py): the "
+                                     "GT images' VAE posteriors are read, not encoded every step")
     memory_check: bool = Field(True, description="on a GPU, refuse a run whose memory plan exceeds the device "
                                "(training/plan.py), naming the option that would fit")
 

@@ -69,6 +69,7 @@ class Objective:
     loss: object  # LossSettings
     resolution: int
     max_sequence_length: int
+    latents: object | None = None  # a training.latent_cache.LatentCache of the GT images' VAE posteriors
     _empty: tuple | None = None
 
     @torch.no_grad()
@@ -117,11 +118,16 @@ class Objective:
         return self.farl(farl_pixels(gt.float()).to(self.farl.dtype))
 
     def branch(self, model, gt: torch.Tensor, cond: torch.Tensor, prompts: list[str],
-               target_probs: torch.Tensor | None, with_attributes: bool) -> dict:
-        """One target: flow-matching loss, and (if asked) the prediction's attribute probabilities and their BCE."""
+               target_probs: torch.Tensor | None, with_attributes: bool, gt_ids: list[str] | None = None) -> dict:
+        """One target: flow-matching loss, and (if asked) the prediction's attribute probabilities and their BCE.
+        ``gt_ids`` name the GT images in the latent cache: their cached posteriors are drawn from instead of
+        encoding (the same draw: the VAE encoder consumes no random numbers)."""
         pipe = self.pipe
         with torch.no_grad():
-            x0 = pipe.encode_packed(gt)
+            if self.latents is not None and gt_ids is not None:
+                x0 = pipe.pack_posterior(self.latents.parameters(gt_ids))
+            else:
+                x0 = pipe.encode_packed(gt)
         embeds, pooled, txt_ids = self.text(prompts)
         t, x_t, target = flow_sample(x0)
         ids = pipe.latent_ids(gt.shape[0], self.resolution, self.resolution)
@@ -145,15 +151,18 @@ class Objective:
         dual = "gt_src" in batch
         cond = self.condition(batch["lq"])
         aal = s.aal_weight > 0
+        keys = list(batch.get("key", ()))
         if not dual:
-            b = self.branch(model, batch["gt"], cond, list(batch["prompt"]), None, aal)
+            ids = [f"{k}.{side}" for k, side in zip(keys, batch.get("lq_from", ()))] or None
+            b = self.branch(model, batch["gt"], cond, list(batch["prompt"]), None, aal, gt_ids=ids)
             return {k: v for k, v in b.items() if k != "probs"}
         need_probs = aal or s.sdt_weight > 0
         # Both targets in one transformer call (rows [src; tar], the same LQ condition twice): equal halves, so the
         # batch means are the means of the two branches' means.
         both = self.branch(model, torch.cat([batch["gt_src"], batch["gt_tar"]]), torch.cat([cond, cond]),
                            list(batch["prompt_src"]) + list(batch["prompt_tar"]),
-                           torch.cat([batch["attr_probs_src"], batch["attr_probs_tar"]]), need_probs)
+                           torch.cat([batch["attr_probs_src"], batch["attr_probs_tar"]]), need_probs,
+                           gt_ids=[f"{k}.src" for k in keys] + [f"{k}.tar" for k in keys] if keys else None)
         out = {"diff": both["diff"]}
         if need_probs:
             out["attr"] = both["attr"]

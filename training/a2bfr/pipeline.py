@@ -216,7 +216,17 @@ class A2BFRPipeline(FluxPipeline):
         vae = self.vae
         if images.device != vae.device or images.dtype != vae.dtype:
             images = images.to(vae.device).to(vae.dtype)  # two steps, as the official: strides are preserved
-        dist = vae.encode(images).latent_dist
+        return self.pack_posterior(vae.encode(images).latent_dist, sample=sample, generator=generator)
+
+    def pack_posterior(self, dist, *, sample: bool = True,
+                       generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """A VAE posterior (``latent_dist``, or its ``parameters`` tensor from a latent cache) -> packed latents,
+        drawn as :meth:`encode_packed` draws (the same random numbers for the same generator state)."""
+        if isinstance(dist, torch.Tensor):
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            dist = DiagonalGaussianDistribution(dist.to(self.vae.device, self.vae.dtype))
+        vae = self.vae
         z = dist.sample(generator) if sample else dist.mode()
         z = (z - vae.config.shift_factor) * vae.config.scaling_factor
         return self._pack_latents(z, *z.shape)

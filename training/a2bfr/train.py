@@ -129,8 +129,13 @@ def train(cfg: A2BFRTrainConfig, *, log: Callable[[str], None] = print) -> tuple
     pipe, farl = load_models(cfg, state.device)
     model = ConditionedFlux(pipe.transformer, condition_attends=cfg.model.condition_attends,
                             gradient_checkpointing=cfg.train.gradient_checkpointing)
+    latents = None
+    if cfg.latent_cache:
+        from training.latent_cache import LatentCache
+
+        latents = LatentCache(cfg.latent_cache, resolution=cfg.model.resolution)
     objective = Objective(pipe=pipe, farl=farl, loss=cfg.loss, resolution=cfg.model.resolution,
-                          max_sequence_length=cfg.model.max_sequence_length)
+                          max_sequence_length=cfg.model.max_sequence_length, latents=latents)
     data = cfg.data.model_copy(update={"resolution": cfg.model.resolution})
     out = Path(cfg.train.output_dir)
     samples = (preview_batch(cfg.data, size=cfg.samples.faces, split=cfg.samples.split,
