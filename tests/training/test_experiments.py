@@ -119,7 +119,7 @@ def test_lambda_zero_trains_another_lora_and_one_config_trains_once(tmp_path, tr
     second name resolves to the same run folder, and training it again resumes the finished run: nothing retrains."""
     from safetensors.torch import load_file
 
-    from attrface_pipeline.builders import a2bfr_train_config
+    from attrface_pipeline.builders import a2bfr_train_config, build_gt_latents, build_text_embeddings
     from training.a2bfr.train import train
 
     mine = tmp_path / "mine.yaml"
@@ -129,6 +129,10 @@ def test_lambda_zero_trains_another_lora_and_one_config_trains_once(tmp_path, tr
         "models": {"flux": str(training_zoo / "flux"), "farl": str(training_zoo / "farl")},
         "a2bfr": {"max_steps": 3, "checkpoint_every": 3, "sample_faces": 0, "lora_rank": 4},
         "experiments": {"files": [str(mine)]}})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "attrface_shards").symlink_to(shard_dir)
+    build_text_embeddings(cfg, log=lambda m: None)  # what the jobs run before training: the cached encoders' output
+    build_gt_latents(cfg, log=lambda m: None)
     defined = load_experiments(cfg.experiments.files)["a2bfr"]
     runs = {}
     for name in ("+aal", "baseline", "aal_again"):
