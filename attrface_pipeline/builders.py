@@ -398,7 +398,60 @@ def roboface_train_config(cfg: PipelineConfig, *, shards: str, stage: str, capti
         body["model"]["stage2"] = {**stage2, "steps": steps}
     body["run"] = {"output_dir": str(run), "checkpoint_every": r.checkpoint_every, "mixed_precision": r.mixed_precision,
                    "gradient_checkpointing": r.gradient_checkpointing}
+    if stage == "stage2" and r.text_cache:  # stage I attends no text; stage II reads the encoder's states
+        body["text_cache"] = str(roboface_text_cache_dir(cfg))
     return RoboFaceTrainConfig.model_validate(body)
+
+
+def roboface_text_cache_dir(cfg: PipelineConfig):
+    """Where RoboFace's text-encoder states of the prompts and captions are cached: ``<data_root>/text_embeddings/
+    sd2-<fingerprint>`` (one folder for every captioner: entries are keyed by their text)."""
+    from attrface_pipeline.models.store import model_fingerprint
+    from training.roboface.train import weight_dtype
+    from training.text_cache import cache_fingerprint
+
+    dtype = weight_dtype(cfg.roboface.mixed_precision)
+    return cfg.paths.data_root / TEXT_DIR / ("sd2-" + cache_fingerprint(model_fingerprint(cfg.models.sd2_controlnet),
+                                                                        77, dtype))
+
+
+def build_roboface_text_embeddings(cfg: PipelineConfig, captions: str | None = None, log=print) -> dict:
+    """Encode the published prompts, the captions of ``captions`` (a captions.parquet) and the empty prompt with
+    models.sd2_controlnet's text encoder (loaded only when something is missing) into
+    :func:`roboface_text_cache_dir`."""
+    from pathlib import Path
+
+    import torch
+
+    from attrface_pipeline.models.store import model_fingerprint
+    from training.roboface.model import clip_text_states
+    from training.roboface.train import weight_dtype
+    from training.text_cache import build_cache, shard_prompts
+
+    texts = shard_prompts(cfg.paths.data_root / "attrface_shards")
+    if captions and Path(captions).is_file():
+        from training.roboface.captions import read_captions
+
+        texts += [r["caption"] for r in read_captions(captions).values() if r["caption"]]
+    dtype = getattr(torch, weight_dtype(cfg.roboface.mixed_precision))
+    device = resolve_device("auto")
+    parts: dict = {}
+
+    def encode(batch: list[str]):
+        if not parts:
+            from transformers import AutoTokenizer, CLIPTextModel
+
+            base = Path(ModelStore.from_config(cfg).resolve(cfg.models.sd2_controlnet))
+            parts["tokenizer"] = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
+            parts["encoder"] = CLIPTextModel.from_pretrained(base, subfolder="text_encoder",
+                                                             torch_dtype=dtype).to(device).eval()
+        with torch.no_grad():
+            states = clip_text_states(parts["tokenizer"], parts["encoder"], batch)
+        return states, states[:, 0]  # the cache's pooled slot holds the first state (unused by RoboFace)
+
+    meta = {"model": model_fingerprint(cfg.models.sd2_controlnet), "max_sequence_length": 77,
+            "dtype": str(dtype).removeprefix("torch.")}
+    return {**build_cache(encode, texts, roboface_text_cache_dir(cfg), meta=meta, log=log), **meta}
 
 
 # Evaluation

@@ -246,7 +246,8 @@ def train_roboface_command(
 ) -> None:
     """Train RoboFace from the command line: captions, stage I, stage II -- the code the RoboFace assets run,
     resuming the run folders of the same settings."""
-    from attrface_pipeline.builders import build_roboface_captioner, captions_folder, roboface_train_config
+    from attrface_pipeline.builders import (build_roboface_captioner, build_roboface_text_embeddings, captions_folder,
+                                            roboface_train_config)
     from training.plan import roboface_plan
     from training.roboface.captions import CAPTIONS_FILE, caption_split
 
@@ -264,6 +265,10 @@ def train_roboface_command(
     caption_split(shards, captions, build_roboface_captioner(cfg), batch_size=cfg.roboface.caption_batch_size,
                   log=lambda m: typer.echo(m, err=True))
     r = cfg.roboface
+    if r.text_cache:
+        summary = build_roboface_text_embeddings(cfg, str(captions / CAPTIONS_FILE),
+                                                 log=lambda m: typer.echo(m, err=True))
+        typer.echo(f"text embeddings: {summary['prompts']} texts ({summary['encoded']} encoded now)", err=True)
     stage1 = roboface_train_config(cfg, shards=str(shards), stage="stage1")
     typer.echo(f"RoboFace {name}: stage I {stage1.run.output_dir}", err=True)
     _launch("training.roboface.train", stage1, Path(stage1.run.output_dir), r.num_processes, r.mixed_precision,

@@ -393,6 +393,8 @@ class RoboFaceSection(_Strict):
     degradation: str = Field("train", description="training.degradation preset of the LQ images")
     sample_faces: int = Field(2, ge=0, description="rows of the sample grid")
     sample_steps: int = Field(4, ge=1)
+    text_cache: bool = Field(True, description="stage II reads the captions' and prompts' text-encoder states from "
+                             "the roboface_text_embeddings asset instead of loading the text encoder")
     output_dir: Path | None = Field(None, description="run folders' root; default <data_root>/models/roboface")
 
 

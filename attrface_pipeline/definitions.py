@@ -34,7 +34,8 @@ from attrface_pipeline.assets.partitions import SOURCE_PARTITIONS
 from attrface_pipeline.assets.publish import attrface_shards, dataset_card
 from attrface_pipeline.assets.qc import qc
 from attrface_pipeline.assets.reproduce import paper_report, reproduce_runs
-from attrface_pipeline.assets.roboface import roboface_captions, roboface_model, roboface_stage1
+from attrface_pipeline.assets.roboface import (roboface_captions, roboface_model, roboface_stage1,
+                                               roboface_text_embeddings)
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.run_guard import guarded_executor
 from attrface_pipeline.config import load_config
@@ -44,7 +45,8 @@ CHUNK_ASSETS = [raw_images, faces, face_identities, face_attributes, edit_prompt
 PUBLISH_ASSETS = [attrface_shards, dataset_card]
 DATASET_ASSETS = CHUNK_ASSETS + PUBLISH_ASSETS
 BENCHMARK_ASSETS = [attrface_test, celeba_test_levels, real_lq]
-MODEL_ASSETS = [text_embeddings, gt_latents, a2bfr_lora, roboface_captions, roboface_stage1, roboface_model]
+MODEL_ASSETS = [text_embeddings, gt_latents, a2bfr_lora, roboface_captions, roboface_text_embeddings, roboface_stage1,
+                roboface_model]
 EVAL_ASSETS = [eval_report, a2bfr_eval, roboface_eval, baseline_eval, paper_report]
 
 
@@ -107,7 +109,7 @@ train_a2bfr = dg.define_asset_job(
 
 train_roboface = dg.define_asset_job(
     "train_roboface",
-    selection=[roboface_captions, roboface_stage1, roboface_model],
+    selection=[roboface_captions, roboface_text_embeddings, roboface_stage1, roboface_model],
     tags=_default_experiment("roboface"),
     description="Train RoboFace (captions, stage I, stage II) on the published shards (after build_dataset); resumes. "
     "The default experiment unless the dagster/partition tag names another.",
@@ -122,7 +124,7 @@ a2bfr_experiment = dg.define_asset_job(
 
 roboface_experiment = dg.define_asset_job(
     "roboface_experiment",
-    selection=[roboface_captions, roboface_stage1, roboface_model, roboface_eval],
+    selection=[roboface_captions, roboface_text_embeddings, roboface_stage1, roboface_model, roboface_eval],
     tags=_default_experiment("roboface"),
     description="Train and evaluate one RoboFace experiment (its partition; after build_dataset and "
     "build_benchmarks).",

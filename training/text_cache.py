@@ -89,14 +89,17 @@ class TextEmbeddingCache:
             handle = self._handles[part] = safe_open(str(self.folder / part), framework="pt")
         return handle.get_tensor(name)
 
-    def lookup(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeds (B, L, D), pooled (B, P)) of ``prompts``; :class:`TextCacheMissError` names missing ones."""
+    def lookup(self, prompts: Sequence[str], pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(embeds (B, L, D), pooled (B, P)) of ``prompts``; :class:`TextCacheMissError` names missing ones
+        (``pooled=False``: only the check)."""
         missing = [p for p in prompts if prompt_key(p) not in self.index]
         if missing:
             shown = "; ".join(repr(p[:80]) for p in missing[:3])
             raise TextCacheMissError(
                 f"{len(missing)} prompt(s) missing from the text-embedding cache {self.folder}: {shown}. The cache "
                 f"holds the prompts of the published shards: re-materialize text_embeddings after publishing")
+        if not pooled:
+            return None
         embeds, pooled = [], []
         for p in prompts:
             key = prompt_key(p)
@@ -104,6 +107,11 @@ class TextEmbeddingCache:
             embeds.append(self._tensor(part, f"{key}.embeds"))
             pooled.append(self._tensor(part, f"{key}.pooled"))
         return torch.stack(embeds), torch.stack(pooled)
+
+    def states(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The text encoder's states (B, L, D) of ``prompts`` (caches of encoders without a pooled output)."""
+        self.lookup(list(prompts), pooled=False)
+        return torch.stack([self._tensor(self.index[prompt_key(p)][0], f"{prompt_key(p)}.embeds") for p in prompts])
 
     def encode_prompt(self, prompts: Sequence[str], device, max_sequence_length: int):
         """What ``FluxPipeline.encode_prompt`` returns: (prompt_embeds, pooled_prompt_embeds, text_ids)."""
@@ -142,7 +150,7 @@ def write_entries(folder: str | Path, items: Sequence[tuple[str, str, object]],
                 encoded = encode([payload for _, _, payload in batch])
             for name, values in encoded.items():
                 for (key, _, _), value in zip(batch, values):
-                    tensors[f"{key}.{name}"] = value.detach().to("cpu").contiguous()
+                    tensors[f"{key}.{name}"] = value.detach().to("cpu").clone().contiguous()  # batch rows share storage
                 shapes[name] = [list(values.shape[1:]), str(values.dtype)]
         name = f"part-{next_part:05d}.safetensors"
         tmp = folder / f".tmp-{name}"

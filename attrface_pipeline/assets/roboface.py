@@ -26,8 +26,8 @@ from attrface_pipeline.assets.publish import PUBLISH_DIR, attrface_shards
 from attrface_pipeline.assets.resources import AttrFaceConfig
 from attrface_pipeline.assets.training import run_training_subprocess
 from attrface_pipeline.remote import synced
-from attrface_pipeline.builders import (build_roboface_captioner, captions_folder, experiment_config,
-                                        roboface_train_config)
+from attrface_pipeline.builders import (build_roboface_captioner, build_roboface_text_embeddings, captions_folder,
+                                        experiment_config, roboface_text_cache_dir, roboface_train_config)
 
 CAPTIONS_DIR = "roboface_captions"
 
@@ -114,7 +114,31 @@ def roboface_stage1(context: dg.AssetExecutionContext, attrface: AttrFaceConfig,
 
 
 @dg.asset(
-    deps=[roboface_stage1, roboface_captions],
+    deps=[roboface_captions],
+    description="The text-encoder states of the published prompts, this experiment's captions and the empty prompt, "
+    "once: RoboFace's stage II reads them and never loads the text encoder.",
+    group_name="models",
+    kinds={"pytorch", "safetensors"},
+    pool="gpu",
+    op_tags=gpu_op_tags(),
+    partitions_def=ROBOFACE_EXPERIMENTS,
+    backfill_policy=ONE_PER_RUN,
+)
+def roboface_text_embeddings(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
+    from training.roboface.captions import CAPTIONS_FILE
+
+    cfg = _experiment_cfg(context, attrface)
+    captions = f"{CAPTIONS_DIR}/{captions_folder(cfg)}"
+    folder = roboface_text_cache_dir(cfg)
+    relative = folder.relative_to(cfg.paths.data_root)
+    with synced(cfg.paths, pull=[PUBLISH_DIR, captions, relative], push=[relative]):
+        summary = build_roboface_text_embeddings(cfg, str(cfg.paths.data_root / captions / CAPTIONS_FILE),
+                                                 log=context.log.info)
+    return dg.MaterializeResult(metadata={**summary, "path": dg.MetadataValue.path(str(folder))})
+
+
+@dg.asset(
+    deps=[roboface_stage1, roboface_captions, roboface_text_embeddings],
     description="RoboFace (stage II): ControlNet on the LQ image + decoupled cross-attention over [caption ; N "
     "implicit tokens] in every cross-attention layer, stage-I Mapper/Remover frozen; the restorable model folder "
     "(attrface restore --model roboface), loss curve and sample grid in the metadata.",
@@ -138,5 +162,6 @@ def roboface_model(context: dg.AssetExecutionContext, attrface: AttrFaceConfig,
     train_cfg = roboface_train_config(cfg, shards=str(cfg.paths.data_root / PUBLISH_DIR), stage="stage2",
                                       captions=str(cfg.paths.data_root / captions / CAPTIONS_FILE),
                                       stage1_dir=stage1_dir, output_dir=config.output_dir, **overrides)
+    text = [Path(train_cfg.text_cache).relative_to(cfg.paths.data_root)] if train_cfg.text_cache else []
     return _launch(context, cfg, train_cfg, overrides["num_processes"] or cfg.roboface.num_processes,
-                   inputs=[captions, *([Path(stage1_dir)] if stage1_dir else [])])
+                   inputs=[captions, *text, *([Path(stage1_dir)] if stage1_dir else [])])

@@ -24,7 +24,7 @@ def cache(training_zoo, shard_dir, tmp_path_factory):
         return embeds, pooled
 
     summary = build_cache(encode, prompts, folder, meta={"max_sequence_length": MSL, "dtype": "float32"},
-                          batch_size=1, log=lambda m: None)
+                          batch_size=4, log=lambda m: None)
     assert summary["encoded"] == len(prompts) > 10 and "" in prompts
     again = build_cache(encode, prompts, folder, meta={"max_sequence_length": MSL}, log=lambda m: None)
     assert again["encoded"] == 0 and again["cached"] == len(prompts)  # a re-run encodes nothing
@@ -80,7 +80,7 @@ def test_cached_gt_latents_train_like_the_encoder(tmp_path, training_zoo, shard_
     vae = AutoencoderKL.from_pretrained(training_zoo / "flux", subfolder="vae")
     folder = tmp_path / "gt_latents"
     summary = build_latent_cache(lambda x: vae.encode(x).latent_dist.parameters, shard_dir, folder, resolution=64,
-                                 meta={"dtype": "float32"}, batch_size=1, log=lambda m: None)
+                                 meta={"dtype": "float32"}, batch_size=3, log=lambda m: None)
     assert summary["encoded"] == summary["items"] > 10
     encoded = []
     original = AutoencoderKL.encode

@@ -94,9 +94,11 @@ class RoboFace(nn.Module):
     @classmethod
     def from_pretrained(cls, base: str | Path, *, config: RoboFaceConfig | None = None,
                         trained: str | Path | None = None, controlnet: str | Path | None = None,
-                        image_encoder: str | Path | None = None, dtype: torch.dtype | None = None) -> RoboFace:
+                        image_encoder: str | Path | None = None, dtype: torch.dtype | None = None,
+                        text_encoder: bool = True) -> RoboFace:
         """Components from the pipeline folder ``base``; Mapper/Remover/ControlNet/DCA from ``trained`` (a folder
-        written by :meth:`save`) where it has them, else fresh (ControlNet: ``controlnet``, base's, or from_unet)."""
+        written by :meth:`save`) where it has them, else fresh (ControlNet: ``controlnet``, base's, or from_unet).
+        ``text_encoder=False``: no text encoder or tokenizer (the prompts' states come from :attr:`text_cache`)."""
         from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPVisionModelWithProjection
 
@@ -106,8 +108,10 @@ class RoboFace(nn.Module):
         kw = {"torch_dtype": dtype} if dtype is not None else {}
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **kw)
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **_hf_dtype(dtype))
-        tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
+        with_text = text_encoder
+        text_encoder = (CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **_hf_dtype(dtype))
+                        if with_text else None)
+        tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer") if with_text else None
         enc_root = Path(image_encoder) if image_encoder is not None else base
         sub = config.image_encoder_subfolder
         if not (enc_root / sub if sub else enc_root).is_dir():
@@ -168,11 +172,16 @@ class RoboFace(nn.Module):
         """The explicit text stage II sees: the captions, or empty ones with ``dca.explicit`` off."""
         return [str(c) for c in captions] if self.config.dca.explicit else [""] * len(captions)
 
+    text_cache = None  # a training.text_cache.TextEmbeddingCache: the prompts' states are looked up
+
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text-encoder states (B, 77, D) of the prompts, padded to the tokenizer's max length as SD does."""
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.text_encoder.device)
-        return self.text_encoder(ids)[0]
+        """Text-encoder states (B, 77, D) of the prompts, padded to the tokenizer's max length as SD does (or the
+        same states from :attr:`text_cache`)."""
+        if self.text_cache is not None:
+            return self.text_cache.states(list(prompts)).to(self.device)
+        if self.text_encoder is None:
+            raise RuntimeError("this RoboFace bundle has no text encoder and no text cache")
+        return clip_text_states(self.tokenizer, self.text_encoder, prompts)
 
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> scaled VAE latents (a posterior sample, as diffusers' training examples do)."""
@@ -262,7 +271,7 @@ class RoboFace(nn.Module):
         if mode:
             for module in (self.vae, self.unet, self.text_encoder, self.image_encoder, self.controlnet, self.mapper,
                            self.remover):
-                if not any(p.requires_grad for p in module.parameters()):
+                if module is not None and not any(p.requires_grad for p in module.parameters()):
                     module.eval()
         return self
 
@@ -334,6 +343,14 @@ class RoboFace(nn.Module):
                              f"{meta.get('mode')!r}; set num_tokens and dca.mode to match (this bundle: "
                              f"{self.config.num_tokens}, {self.config.dca.mode!r})")
         load_dca(path, self.dca)
+
+
+def clip_text_states(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Tensor:
+    """The text encoder's states (B, 77, D), the prompts padded to the tokenizer's max length as SD does (the
+    training/restore path and the text-embedding cache both call this)."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0]
 
 
 def _hf_dtype(dtype: torch.dtype | None) -> dict[str, Any]:
@@ -452,7 +469,8 @@ def save_fn(stage: str) -> Callable[[nn.Module, Path], None]:
     return save
 
 
-def build_roboface(cfg: RoboFaceConfig, store, *, trained: str | Path | None = None) -> RoboFace:
+def build_roboface(cfg: RoboFaceConfig, store, *, trained: str | Path | None = None,
+                   text_encoder: bool = True) -> RoboFace:
     """The bundle the config names, its weights resolved by ``store`` (a ModelStore), on cfg's device and dtype."""
     from attrface_pipeline.models.device import resolve_device, resolve_dtype
 
@@ -462,5 +480,5 @@ def build_roboface(cfg: RoboFaceConfig, store, *, trained: str | Path | None = N
         store.resolve(cfg.base_model), config=cfg, trained=trained,
         controlnet=store.resolve(cfg.controlnet) if cfg.controlnet else None,
         image_encoder=store.resolve(cfg.image_encoder) if cfg.image_encoder else None,
-        dtype=None if dtype == torch.float32 else dtype)
+        dtype=None if dtype == torch.float32 else dtype, text_encoder=text_encoder)
     return model.to(device)

@@ -91,6 +91,8 @@ class RoboFaceTrainConfig(_Strict):
     samples: SampleSettings = Field(default_factory=SampleSettings)
     cache_dir: str = Field("data/cache", description="model store root (hub cache, tiny zoo), as paths.cache_dir")
     allow_download: bool = False
+    text_cache: str | None = Field(None, description="a text-embedding cache of the base's text encoder "
+                                   "(training/text_cache.py): the encoder is not loaded; None: it encodes every batch")
 
     @model_validator(mode="after")
     def _check(self) -> RoboFaceTrainConfig:
@@ -213,7 +215,12 @@ def load_model(cfg: RoboFaceTrainConfig, device: torch.device):
 
     store = ModelStore(cfg.cache_dir, allow_download=cfg.allow_download)
     model_cfg = cfg.model.model_copy(update={"device": str(device), "dtype": weight_dtype(cfg.run.mixed_precision)})
-    return build_roboface(model_cfg, store)
+    model = build_roboface(model_cfg, store, text_encoder=not cfg.text_cache)
+    if cfg.text_cache:
+        from training.text_cache import TextEmbeddingCache
+
+        model.text_cache = TextEmbeddingCache(cfg.text_cache)
+    return model
 
 
 def _fit_stage(cfg: RoboFaceTrainConfig, model, stage: str, *, captions, samples: dict | None, main: bool,

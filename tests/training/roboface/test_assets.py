@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from attrface_pipeline.assets.resources import AttrFaceConfig
-from attrface_pipeline.assets.roboface import roboface_captions, roboface_model, roboface_stage1
+from attrface_pipeline.assets.roboface import (roboface_captions, roboface_model, roboface_stage1,
+                                               roboface_text_embeddings)
 from attrface_pipeline.builders import captions_folder, roboface_train_config
 from attrface_pipeline.config import load_config
 from training.engine import read_losses
@@ -36,7 +37,7 @@ def test_roboface_assets_materialize_offline_and_resume(tmp_path, shard_dir, sd2
                 "models": {"sd2_controlnet": str(sd2_base)}}
     resources = {"attrface": AttrFaceConfig(settings=settings)}
     instance = dg.DagsterInstance.ephemeral()
-    assets = [roboface_captions, roboface_stage1, roboface_model]
+    assets = [roboface_captions, roboface_text_embeddings, roboface_stage1, roboface_model]
     result = dg.materialize(assets, resources=resources, instance=instance, raise_on_error=False, partition_key="full")
     assert result.success, [e.event_specific_data for e in result.all_events if e.is_failure]
 

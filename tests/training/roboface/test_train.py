@@ -242,3 +242,43 @@ def test_a_sample_without_a_caption_is_an_error(tmp_path, sd2_base, shard_dir, c
     assert caption_lookup(_config(tmp_path, sd2_base, shard_dir, empty))([key], ["the prompt"]) == ["the prompt"]
     cfg = _config(tmp_path, sd2_base, shard_dir, empty).model_copy(update={"empty_caption": "empty"})
     assert caption_lookup(cfg)([key], ["the prompt"]) == [""]
+
+
+def test_stage_two_with_cached_text_states_and_no_text_encoder(shard_dir, sd2_base, tmp_path, monkeypatch):
+    """Stage II reading the text encoder's states from the cache trains as with the encoder running (same losses),
+    and builds no text encoder."""
+    import transformers
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from training.roboface.model import clip_text_states
+    from training.text_cache import build_cache, shard_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(sd2_base, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(sd2_base, subfolder="text_encoder").eval()
+
+    def encode(batch):
+        states = clip_text_states(tokenizer, encoder, batch)
+        return states, states[:, 0]
+
+    cache = tmp_path / "text"
+    build_cache(encode, shard_prompts(shard_dir), cache, meta={"max_sequence_length": 77}, batch_size=1,
+                log=lambda m: None)
+    base = _config(tmp_path, sd2_base, shard_dir, stage2=3)
+    train(base, stage="stage1", log=lambda m: None)
+    stage2 = base.model_copy(update={"model": base.model.model_copy(update={
+        "stage2": base.model.stage2.model_copy(update={"caption_dropout": 0.5})})})
+    live, _ = train(stage2.model_copy(update={"run": stage2.run.model_copy(update={
+        "output_dir": str(tmp_path / "live")}), "stage1_dir": str(base.stage1_weights())}), stage="stage2",
+        log=lambda m: None)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a text encoder was built in a cached run")
+
+    monkeypatch.setattr(transformers.CLIPTextModel, "__init__", refuse)
+    cached, _ = train(stage2.model_copy(update={"run": stage2.run.model_copy(update={
+        "output_dir": str(tmp_path / "cached")}), "stage1_dir": str(base.stage1_weights()), "text_cache": str(cache)}),
+        stage="stage2", log=lambda m: None)
+    a, b = read_losses(live["stage2"].losses_path), read_losses(cached["stage2"].losses_path)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-7)
