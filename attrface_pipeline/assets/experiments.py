@@ -10,6 +10,7 @@ parallel as they run any GPU step.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import dagster as dg
 
@@ -64,5 +65,4 @@ def experiment_metadata(experiment: Experiment, run_dir) -> dict:
     """What a training asset adds about its experiment: name, description, overrides and fingerprint (its run
     folder's name)."""
     return {"experiment": experiment.key, "description": experiment.description or "-",
-            "overrides": dg.MetadataValue.json(experiment.overrides), "fingerprint": str(run_dir).rstrip("/")
-            .rsplit("/", 1)[-1]}
+            "overrides": dg.MetadataValue.json(experiment.overrides), "fingerprint": Path(run_dir).name}
