@@ -30,7 +30,8 @@ DEPLOY = PROJECT_ROOT / "deploy"
 MANIFESTS = ("storage.yaml", "attrface-config.yaml", "vllm.yaml")
 K8S_VERSION = latest_version()
 GPU_ASSETS = {"face_attributes", "edits", "qc", "a2bfr_lora", "roboface_stage1", "roboface_model", "eval_report",
-              "a2bfr_eval", "roboface_eval", "baseline_eval"}
+              "a2bfr_eval", "roboface_eval", "baseline_eval", "text_embeddings", "gt_latents",
+              "roboface_text_embeddings"}
 TRAINING_ASSETS = {"a2bfr_lora": "a2bfr", "roboface_stage1": "roboface", "roboface_model": "roboface"}
 
 

@@ -6,10 +6,14 @@ curve, sample grid, checkpoint path) through ``training.pipes.pipes_session``. T
 that accelerate can start one process per GPU, and so that CUDA memory is returned when the run ends.
 """
 
+import contextlib
 import json
 import os
 import socket
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +66,52 @@ def launch_command(module: str, config_path: Path, *, num_processes: int = 1, mi
     return cmd + ["-m", module, "--config", str(config_path)]
 
 
+def whole_lines(path: str, should_stop) -> Iterator[str]:
+    """The complete lines appended to ``path`` while it is written, until ``should_stop()`` and nothing is left.
+
+    Dagster's ``tail_file`` yields whatever ``readline`` returns; a line still being written comes back cut. A
+    trainer's final report (loss curve and sample grid inline, ~40 KB) read mid-write then failed to parse, the
+    reader thread died and the run lost its metadata. Here a piece without its newline waits for the rest."""
+    pending = ""
+    with open(path, encoding="utf-8") as stream:
+        while True:
+            piece = stream.readline()
+            if piece:
+                pending += piece
+                if pending.endswith("\n"):
+                    yield pending
+                    pending = ""
+            elif should_stop():
+                if pending.strip():
+                    yield pending  # the writer ended without a newline: parse what there is
+                break
+            else:
+                time.sleep(0.01)
+
+
+class _WholeLineFileReader(dg.PipesFileMessageReader):
+    def _reader_thread(self, handler, is_resource_complete) -> None:
+        try:
+            for line in whole_lines(self._path, is_resource_complete.is_set):
+                handler.handle_message(json.loads(line))
+        except:  # noqa: E722 - Dagster's own reader reports every failure this way
+            handler.report_pipes_framework_exception(f"{self.__class__.__name__} reader thread", sys.exc_info())
+            raise
+
+
+class WholeLineMessageReader(dg.PipesMessageReader):
+    """Dagster's temp-file message reader, parsing only complete lines (:func:`whole_lines`)."""
+
+    @contextlib.contextmanager
+    def read_messages(self, handler):
+        with tempfile.TemporaryDirectory() as tempdir:
+            with _WholeLineFileReader(os.path.join(tempdir, "messages")).read_messages(handler) as params:
+                yield params
+
+    def no_messages_debug_text(self) -> str:
+        return "Attempted to read messages from a local temporary file."
+
+
 def run_training_subprocess(context: dg.AssetExecutionContext, *, module: str, config: dict, output_dir: Path,
                             num_processes: int = 1, extra_env: dict | None = None, launcher: str = "accelerate",
                             client: dg.PipesSubprocessClient | None = None,
@@ -87,5 +137,5 @@ def run_training_subprocess(context: dg.AssetExecutionContext, *, module: str, c
         env["ACCELERATE_USE_CPU"] = "1"
     env.update({k: str(v) for k, v in (extra_env or {}).items()})
     context.log.info(f"training: {' '.join(cmd)}  (config: {json.dumps(config, default=str)[:500]})")
-    client = client or dg.PipesSubprocessClient()
+    client = client or dg.PipesSubprocessClient(message_reader=WholeLineMessageReader())
     return client.run(context=context, command=cmd, env=env, cwd=str(cwd or HOME))

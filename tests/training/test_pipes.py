@@ -119,3 +119,32 @@ def _cpu_count() -> int:
     import os
 
     return os.cpu_count() or 1
+
+
+def test_a_message_read_while_it_is_written_arrives_whole(tmp_path):
+    """A long report line appended in two writes, read in between, is parsed once complete (Dagster's own tail
+    yields the cut half, which fails to parse and ends the reader)."""
+    import json
+    import threading
+    import time
+
+    from attrface_pipeline.assets.training import whole_lines
+
+    path = tmp_path / "messages"
+    path.write_text("")
+    message = json.dumps({"method": "report_asset_materialization", "params": {"png": "x" * 50_000}}) + "\n"
+    done = threading.Event()
+
+    def write():
+        with open(path, "a") as f:
+            f.write('{"method": "log"}\n' + message[:20_000])
+            f.flush()
+            time.sleep(0.3)
+            f.write(message[20_000:])
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    lines = list(whole_lines(str(path), lambda: done.is_set()))
+    writer.join()
+    assert [json.loads(line) for line in lines] == [{"method": "log"}, json.loads(message)]
