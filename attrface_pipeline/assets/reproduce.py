@@ -12,7 +12,6 @@ its evaluation), then reproduce_report (the baselines and paper_report). Selecte
 ``experiments.roboface``. A failed step stops the job and names the run that failed.
 """
 
-
 import json
 import math
 from pathlib import Path
@@ -20,8 +19,7 @@ from pathlib import Path
 import dagster as dg
 
 from attrface_pipeline.assets.common import png_markdown
-from attrface_pipeline.assets.evaluation import (EVAL_DIR, a2bfr_eval, baseline_eval,
-                                                 roboface_eval)
+from attrface_pipeline.assets.evaluation import EVAL_DIR, a2bfr_eval, baseline_eval, roboface_eval
 from attrface_pipeline.assets.experiments import latest_partition_metadata
 from attrface_pipeline.assets.publish import PUBLISH_DIR
 from attrface_pipeline.assets.resources import AttrFaceConfig
@@ -70,7 +68,7 @@ def collect_results(instance: dg.DagsterInstance, cfg) -> tuple[list, dict, dict
             experiments.append(exp)
             try:
                 fingerprint = experiment_run_dir(cfg, exp, shards=shards).name
-            except Exception:  # noqa: BLE001 - an experiment that cannot resolve is shown with the reason
+            except Exception:  # noqa: BLE001 - no fingerprint: its row cannot borrow a same-run row's numbers
                 fingerprint = None
             meta = latest_partition_metadata(instance, EVALS[model].key, exp.name)
             record = _meta_value(meta, "record") or {}
