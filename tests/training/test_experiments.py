@@ -105,7 +105,7 @@ def test_paper_tables_rows_columns_deltas_and_reasons():
     assert [label for label, _ in tab5.rows] == ["ffhq_only", "attrface (= full: same run)"]
     assert dict(tab5.rows)["attrface (= full: same run)"]["restoration:ids"].value == 0.5
     tab2 = tables["A²BFR Tab. 2"]
-    assert [label for label, _ in tab2.rows][0] == "A²BFR (published, restoration)"
+    assert [label for label, _ in tab2.rows][0] == "A²BFR, restoration (published)"
     assert dict(tab2.rows)["bicubic"]["restoration:ids"].note.startswith("baselines not evaluated")
     for table in tables.values():  # every cell: a number, or n/a with its reason
         for _, row in table.rows:

@@ -163,7 +163,7 @@ def paper_tables(experiments: Sequence, results: dict[str, ExperimentResult], ba
                         if p.table == kind and metric in p.values:
                             cells[_column_key(kind, metric, level, multi)] = Cell(p.values[metric])
                 if cells:
-                    table.rows.append((f"{p.method} (published, {p.table})", cells))
+                    table.rows.append((f"{p.method}, {p.table} (published)", cells))  # styled as published
         reference_cells: dict[str, Cell] = {}
         exp_rows = []
         for exp in rows_exps:
