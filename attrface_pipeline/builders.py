@@ -282,14 +282,9 @@ def experiment_config(cfg: PipelineConfig, experiment) -> PipelineConfig:
     return cfg.model_copy(update={experiment.model: merged})
 
 
-def experiment_fingerprint(cfg: PipelineConfig, experiment, *, shards: str) -> str:
-    """What an experiment trains, as a short hash: its run folder's name (two names, one fingerprint: one run)."""
-    run = experiment_run_dir(cfg, experiment, shards=shards)
-    return run.name
-
-
 def experiment_run_dir(cfg: PipelineConfig, experiment, *, shards: str):
-    """The folder an experiment trains into (A²BFR: the run; RoboFace: stage II's run, stage I's beside it)."""
+    """The folder an experiment trains into (A²BFR: the run; RoboFace: stage II's run, stage I's beside it). Its
+    name is the experiment's fingerprint: two names with one resolved config share it and train once."""
     from pathlib import Path
 
     exp_cfg = experiment_config(cfg, experiment)

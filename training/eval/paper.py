@@ -74,7 +74,6 @@ PAPER_TABLES: tuple[PaperTable, ...] = (
     PaperTable("roboface_tab9", "RoboFace Tab. 9 · number of implicit tokens N", "roboface", "celeba_test_levels",
                ABLATION_ROBOFACE[:2], reference="full"),
 )
-TABLE_IDS = tuple(t.id for t in PAPER_TABLES)
 BUILT_IN_BASELINES = ("bicubic", "identity", "restore_then_edit")
 
 
