@@ -183,13 +183,19 @@ LATENT_DIR = "gt_latents"
 def latent_cache_dir(cfg: PipelineConfig):
     """Where the gt_latents asset stores the train split's GT posteriors for models.flux's VAE at the a2bfr
     section's resolution and precision: ``<data_root>/gt_latents/<fingerprint>``."""
+    a = cfg.a2bfr
+    return _cache_dir(cfg, LATENT_DIR, cfg.models.flux, a.resolution, a.mixed_precision)
+
+
+def _cache_dir(cfg: PipelineConfig, root: str, spec: str, size: int, mixed_precision: str, prefix: str = ""):
+    """``<data_root>/<root>/<prefix><fingerprint>``: the fingerprint of the model spec, the size (tokens or pixels)
+    and the frozen weights' dtype under ``mixed_precision`` -- what a cache's entries depend on."""
     from attrface_pipeline.models.store import model_fingerprint
+    from training.roboface.train import weight_dtype
     from training.text_cache import cache_fingerprint
 
-    a = cfg.a2bfr
-    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(a.mixed_precision, "float32")
-    return cfg.paths.data_root / LATENT_DIR / cache_fingerprint(model_fingerprint(cfg.models.flux), a.resolution,
-                                                                dtype)
+    return cfg.paths.data_root / root / (prefix + cache_fingerprint(model_fingerprint(spec), size,
+                                                                    weight_dtype(mixed_precision)))
 
 
 def build_gt_latents(cfg: PipelineConfig, log=print) -> dict:
@@ -259,13 +265,8 @@ def build_text_embeddings(cfg: PipelineConfig, log=print) -> dict:
 def text_cache_dir(cfg: PipelineConfig):
     """Where the text_embeddings asset stores the prompts' embeddings for ``models.flux`` at the a2bfr section's
     token count and precision: ``<data_root>/text_embeddings/<encoder fingerprint>``."""
-    from attrface_pipeline.models.store import model_fingerprint
-    from training.text_cache import cache_fingerprint
-
     a = cfg.a2bfr
-    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(a.mixed_precision, "float32")
-    return cfg.paths.data_root / TEXT_DIR / cache_fingerprint(model_fingerprint(cfg.models.flux),
-                                                              a.max_sequence_length, dtype)
+    return _cache_dir(cfg, TEXT_DIR, cfg.models.flux, a.max_sequence_length, a.mixed_precision)
 
 
 def _run_hash(meaning: dict) -> str:
@@ -401,13 +402,7 @@ def roboface_train_config(cfg: PipelineConfig, *, shards: str, stage: str, capti
 def roboface_text_cache_dir(cfg: PipelineConfig):
     """Where RoboFace's text-encoder states of the prompts and captions are cached: ``<data_root>/text_embeddings/
     sd2-<fingerprint>`` (one folder for every captioner: entries are keyed by their text)."""
-    from attrface_pipeline.models.store import model_fingerprint
-    from training.roboface.train import weight_dtype
-    from training.text_cache import cache_fingerprint
-
-    dtype = weight_dtype(cfg.roboface.mixed_precision)
-    return cfg.paths.data_root / TEXT_DIR / ("sd2-" + cache_fingerprint(model_fingerprint(cfg.models.sd2_controlnet),
-                                                                        77, dtype))
+    return _cache_dir(cfg, TEXT_DIR, cfg.models.sd2_controlnet, 77, cfg.roboface.mixed_precision, prefix="sd2-")
 
 
 def build_roboface_text_embeddings(cfg: PipelineConfig, captions: str | None = None, log=print) -> dict:
