@@ -14,7 +14,7 @@ from typing import Optional
 
 import dagster as dg
 
-from attrface_pipeline.assets.common import gpu_op_tags, training_gpus
+from attrface_pipeline.assets.common import gpu_op_tags, materialize_cache, training_gpus
 from attrface_pipeline.assets.experiments import A2BFR_EXPERIMENTS, ONE_PER_RUN, experiment_for, experiment_metadata
 from attrface_pipeline.assets.publish import PUBLISH_DIR, attrface_shards
 from attrface_pipeline.assets.resources import AttrFaceConfig
@@ -50,12 +50,7 @@ class A2BFRRun(dg.Config):
 )
 def text_embeddings(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
     cfg = attrface.pipeline_config()
-    folder = text_cache_dir(cfg)
-    relative = folder.relative_to(cfg.paths.data_root)
-    with synced(cfg.paths, pull=[PUBLISH_DIR, relative], push=[relative]):
-        summary = build_text_embeddings(cfg, log=context.log.info)
-    return dg.MaterializeResult(metadata={**summary, "path": dg.MetadataValue.path(str(folder)),
-                                          "gib": round(summary["bytes"] / 1024**3, 3)})
+    return materialize_cache(cfg, text_cache_dir(cfg), lambda: build_text_embeddings(cfg, log=context.log.info))
 
 
 @dg.asset(
@@ -70,12 +65,7 @@ def text_embeddings(context: dg.AssetExecutionContext, attrface: AttrFaceConfig)
 )
 def gt_latents(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
     cfg = attrface.pipeline_config()
-    folder = latent_cache_dir(cfg)
-    relative = folder.relative_to(cfg.paths.data_root)
-    with synced(cfg.paths, pull=[PUBLISH_DIR, relative], push=[relative]):
-        summary = build_gt_latents(cfg, log=context.log.info)
-    return dg.MaterializeResult(metadata={**summary, "path": dg.MetadataValue.path(str(folder)),
-                                          "gib": round(summary["bytes"] / 1024**3, 3)})
+    return materialize_cache(cfg, latent_cache_dir(cfg), lambda: build_gt_latents(cfg, log=context.log.info))
 
 
 @dg.asset(

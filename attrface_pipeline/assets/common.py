@@ -76,6 +76,19 @@ def chunk_paths(chunks: dict[str, list[str]], partition: str) -> list[str]:
     return chunks[partition]
 
 
+def materialize_cache(cfg: PipelineConfig, folder, build, *, pull=()) -> dg.MaterializeResult:
+    """A cache asset's body (text embeddings, GT latents): ``build()`` fills ``folder`` (under the data root) with
+    what it lacks, the published shards and ``pull`` fetched first and the folder pushed after when the data root
+    is a URL; its summary, path and size become the metadata."""
+    from attrface_pipeline.remote import synced
+
+    relative = folder.relative_to(cfg.paths.data_root)
+    with synced(cfg.paths, pull=["attrface_shards", *pull, relative], push=[relative]):  # publish.PUBLISH_DIR
+        summary = build()
+    return dg.MaterializeResult(metadata={**summary, "path": dg.MetadataValue.path(str(folder)),
+                                          "gib": round(summary["bytes"] / 1024**3, 3)})
+
+
 def png_markdown(png: bytes, alt: str = "preview") -> dg.MetadataValue:
     """PNG bytes as an inline markdown image (rendered by the Dagster UI)."""
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")

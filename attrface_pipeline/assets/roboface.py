@@ -19,7 +19,7 @@ from typing import Optional
 
 import dagster as dg
 
-from attrface_pipeline.assets.common import gpu_op_tags, training_gpus
+from attrface_pipeline.assets.common import gpu_op_tags, materialize_cache, training_gpus
 from attrface_pipeline.assets.experiments import (ONE_PER_RUN, ROBOFACE_EXPERIMENTS, checkpoint_of, experiment_for,
                                                   experiment_metadata, latest_partition_metadata)
 from attrface_pipeline.assets.publish import PUBLISH_DIR, attrface_shards
@@ -129,12 +129,8 @@ def roboface_text_embeddings(context: dg.AssetExecutionContext, attrface: AttrFa
 
     cfg = _experiment_cfg(context, attrface)
     captions = f"{CAPTIONS_DIR}/{captions_folder(cfg)}"
-    folder = roboface_text_cache_dir(cfg)
-    relative = folder.relative_to(cfg.paths.data_root)
-    with synced(cfg.paths, pull=[PUBLISH_DIR, captions, relative], push=[relative]):
-        summary = build_roboface_text_embeddings(cfg, str(cfg.paths.data_root / captions / CAPTIONS_FILE),
-                                                 log=context.log.info)
-    return dg.MaterializeResult(metadata={**summary, "path": dg.MetadataValue.path(str(folder))})
+    return materialize_cache(cfg, roboface_text_cache_dir(cfg), lambda: build_roboface_text_embeddings(
+        cfg, str(cfg.paths.data_root / captions / CAPTIONS_FILE), log=context.log.info), pull=[captions])
 
 
 @dg.asset(
