@@ -183,6 +183,16 @@ def _launch(module: str, train_cfg, output_dir: Path, processes: int, mixed_prec
         raise typer.Exit(code)
 
 
+def _published_shards(cfg) -> Path:
+    """The published shards the train commands read, or exit 2 saying how to make them."""
+    shards = cfg.paths.data_root / "attrface_shards"
+    if not (shards / "train").is_dir():
+        typer.echo(f"error: no published shards at {shards}: build the dataset first (attrface demo or job "
+                   f"build_dataset)", err=True)
+        raise typer.Exit(2)
+    return shards
+
+
 RESUME_HELP = "latest (continue the run folder's newest checkpoint), a checkpoint folder, or none (start over; with " \
               "--overwrite when the folder has checkpoints)"
 
@@ -215,11 +225,7 @@ def train_a2bfr_command(
     if plan:
         typer.echo(a2bfr_plan(cfg, text_cache=cfg.a2bfr.text_cache).table())
         return
-    shards = cfg.paths.data_root / "attrface_shards"
-    if not (shards / "train").is_dir():
-        typer.echo(f"error: no published shards at {shards}: build the dataset first (attrface demo or job "
-                   f"build_dataset)", err=True)
-        raise typer.Exit(2)
+    shards = _published_shards(cfg)
     if cfg.a2bfr.text_cache:
         summary = build_text_embeddings(cfg, log=lambda m: typer.echo(m, err=True))
         typer.echo(f"text embeddings: {summary['prompts']} prompts ({summary['encoded']} encoded now)", err=True)
@@ -256,12 +262,8 @@ def train_roboface_command(
     if plan:
         typer.echo(roboface_plan(cfg).table())
         return
-    root = cfg.paths.data_root
-    shards = root / "attrface_shards"
-    if not (shards / "train").is_dir():
-        typer.echo(f"error: no published shards at {shards}: build the dataset first", err=True)
-        raise typer.Exit(2)
-    captions = root / "roboface_captions" / captions_folder(cfg)
+    shards = _published_shards(cfg)
+    captions = cfg.paths.data_root / "roboface_captions" / captions_folder(cfg)
     caption_split(shards, captions, build_roboface_captioner(cfg), batch_size=cfg.roboface.caption_batch_size,
                   log=lambda m: typer.echo(m, err=True))
     r = cfg.roboface

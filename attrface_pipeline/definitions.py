@@ -90,12 +90,19 @@ build_benchmarks = dg.define_asset_job(
     "degradation level, and real LQ faces (after build_dataset for attrface_test).",
 )
 
+def _default_experiments() -> dict[str, str]:
+    try:
+        return load_config().experiments.default
+    except Exception:  # noqa: BLE001 - a bad config is reported by the partitions loader
+        return {"a2bfr": "full", "roboface": "full"}
+
+
+DEFAULT_EXPERIMENTS = _default_experiments()  # the config is read once, as the partitions were
+
+
 def _default_experiment(model: str) -> dict[str, str]:
     """The partition tag of the default experiment, so the training jobs run without naming one."""
-    try:
-        name = load_config().experiments.default[model]
-    except Exception:  # noqa: BLE001 - a bad config is reported by the partitions loader
-        name = "full"
+    name = DEFAULT_EXPERIMENTS.get(model, "full")
     return {"dagster/partition": name} if name in DEFINED[model] else {}
 
 

@@ -125,8 +125,8 @@ def _experiment_eval(context: dg.AssetExecutionContext, attrface: AttrFaceConfig
     methods = build_eval_methods(cfg, {model: weights})
     report_dir = cfg.paths.data_root / EVAL_DIR / EXPERIMENTS_DIR / model / experiment.name
     fingerprint = getattr(trained.get("fingerprint"), "value", None) if trained else None
-    run_dir = Path(weights).parent if weights else None
-    losses = next((p for p in ([run_dir / "losses.jsonl"] if run_dir else []) if p.is_file()), None)
+    losses = Path(weights).parent / "losses.jsonl" if weights else None
+    losses = losses if losses is not None and losses.is_file() else None
     extra = {"experiment": experiment.model_dump(mode="json"), "fingerprint": fingerprint, "weights": weights,
              "losses": str(losses) if losses else None, "caveat": methods[0].caveat,
              "trained_steps": getattr(trained.get("steps") or trained.get("stage2_steps"), "value", None)
