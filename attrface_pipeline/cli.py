@@ -8,24 +8,53 @@ from typing import Optional
 
 import typer
 
+from attrface_pipeline.options import (PORT, PROFILE, RESUME, SEED, Choice, ConfigKey, Device, Float, Int, Name,
+                                       PathArg, Text)
+
 # rich_markup_mode=None: help texts print as written (square brackets such as "[iqa]" are text, not markup)
 app = typer.Typer(help="AttrFace tools. The dataset itself is built by Dagster: see README.md and docs/.",
                   no_args_is_help=True, rich_markup_mode=None)
 
 
+def _profile_option():
+    return typer.Option(None, parser=PROFILE, help="offline | full (default: $ATTRFACE_PROFILE or offline)")
+
+
+def _config_option():
+    return typer.Option(None, "-c", "--config", parser=PathArg("file", exists=True, what="a YAML settings file"),
+                        help="YAML settings file(s), in order")
+
+
+def _tiny_names() -> list[str]:
+    from attrface_pipeline.models import tiny
+
+    return list(tiny.GENERATORS)
+
+
+def _job_names() -> list[str]:
+    from attrface_pipeline.definitions import RUNNABLE_JOBS
+
+    return sorted(RUNNABLE_JOBS)
+
+
+def _metric_names() -> list[str]:
+    from training.eval.report import FOLDER_METRICS
+
+    return list(FOLDER_METRICS)
+
+
 @app.command("make-tiny-models")
 def make_tiny_models(
-    out_dir: Path = typer.Argument(..., help="directory to write <name>/ checkpoints into"),
-    only: Optional[list[str]] = typer.Option(None, "--only", help="generate just these (repeatable)"),
+    out_dir: Path = typer.Argument(..., parser=PathArg("dir", exists=None),
+                                   help="directory to write <name>/ checkpoints into"),
+    only: Optional[list[str]] = typer.Option(None, "--only", parser=Choice(_tiny_names),
+                                             help="generate just these (repeatable)"),
     force: bool = typer.Option(False, help="regenerate models that already exist"),
 ) -> None:
     """Write deterministic tiny random checkpoints in the real on-disk formats (offline)."""
     from attrface_pipeline.models import tiny
 
     names = only or list(tiny.GENERATORS)
-    unknown = sorted(set(names) - set(tiny.GENERATORS))
-    if unknown:
-        raise typer.BadParameter(f"unknown model(s) {unknown}; choose from {sorted(tiny.GENERATORS)}")
     for name in names:
         target = out_dir / name
         if (target / tiny.DONE_MARKER).exists() and not force:
@@ -38,8 +67,8 @@ def make_tiny_models(
 
 @app.command("demo")
 def demo(
-    profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
-    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+    profile: Optional[str] = _profile_option(),
+    config_file: Optional[list[Path]] = _config_option(),
 ) -> None:
     """Build the dataset (offline: the shipped sample photos, tiny models) with the build_dataset job, then say what
     was built, where, and what to do next."""
@@ -82,20 +111,29 @@ def _run_job(name: str, profile: Optional[str], files: Optional[list[str]]) -> f
     return time.perf_counter() - t0
 
 
+# jobs that start from the published shards (checked before Dagster starts, so a missing dataset is one line)
+JOBS_ON_SHARDS = ("train_a2bfr", "train_roboface", "a2bfr_experiment", "roboface_experiment")
+
+
+def _usage(message: str) -> None:
+    """A usage error after parsing: one line, exit status 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
 @app.command("job")
 def job(
-    name: str = typer.Argument(..., help="build_dataset | build_benchmarks | train_a2bfr | train_roboface | "
-                               "evaluate | a2bfr_experiment | roboface_experiment | reproduce_report | reproduce"),
-    profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
-    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+    name: str = typer.Argument(..., parser=Choice(_job_names),
+                               help="build_dataset | build_benchmarks | train_a2bfr | train_roboface | evaluate | "
+                               "a2bfr_experiment | roboface_experiment | reproduce_report | reproduce"),
+    profile: Optional[str] = _profile_option(),
+    config_file: Optional[list[Path]] = _config_option(),
 ) -> None:
     """Run one of the project's jobs with this instance (what `make train-a2bfr`, `make evaluate` run)."""
-    from attrface_pipeline.definitions import RUNNABLE_JOBS
-
-    if name not in RUNNABLE_JOBS:
-        raise typer.BadParameter(f"unknown job {name!r}; choose from {sorted(RUNNABLE_JOBS)}")
     files = _files(config_file)
-    _config_or_exit(profile, files)
+    cfg = _config_or_exit(profile, files)
+    if name in JOBS_ON_SHARDS:
+        _published_shards(cfg)
     seconds = _run_job(name, profile, files)
     typer.echo(f"{name}: done in {seconds / 60:.1f} min")
 
@@ -103,8 +141,8 @@ def job(
 @app.command("reproduce")
 def reproduce_command(
     list_only: bool = typer.Option(False, "--list", help="show the runs and their estimated cost; run nothing"),
-    profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
-    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+    profile: Optional[str] = _profile_option(),
+    config_file: Optional[list[Path]] = _config_option(),
 ) -> None:
     """Reproduce the papers: dataset, benchmark sets, every selected experiment, then the papers' tables."""
     from attrface_pipeline.assets.reproduce import plan_runs
@@ -163,10 +201,12 @@ def _launch(module: str, train_cfg, output_dir: Path, processes: int, mixed_prec
     with one process per GPU), in the foreground."""
     import os
     import subprocess
+    import tempfile
 
     import torch
 
     from attrface_pipeline.assets.training import LAUNCH_CONFIG, launch_command
+    from training.child import ERROR_FILE_ENV, read_error
     from attrface_pipeline.storage import atomic_write_json
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -178,9 +218,15 @@ def _launch(module: str, train_cfg, output_dir: Path, processes: int, mixed_prec
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if processes > 1 and not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"
-    code = subprocess.run(cmd, env=env).returncode
+    with tempfile.TemporaryDirectory() as tmp:
+        env[ERROR_FILE_ENV] = os.path.join(tmp, "error.txt")
+        code = subprocess.run(cmd, env=env).returncode
+        line = read_error(env[ERROR_FILE_ENV]) if code else None
     if code:
-        raise typer.Exit(code)
+        # the child printed its own error line (or, for a bug, its traceback); the last line says which run failed
+        typer.echo(f"error: training stopped ({line or f'exit status {code}; see above'}); the run folder "
+                   f"{output_dir} keeps its checkpoints", err=True)
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _published_shards(cfg) -> Path:
@@ -201,24 +247,29 @@ RESUME_HELP = "latest (continue the run folder's newest checkpoint), a checkpoin
 def train_a2bfr_command(
     plan: bool = typer.Option(False, "--plan", help="print parameters and the estimated peak memory per component "
                               "(the real architectures on the meta device) and exit"),
-    experiment: Optional[str] = typer.Option(None, help="a named experiment (default: experiments.default)"),
-    base_dtype: Optional[str] = typer.Option(None, help="bf16 | fp8 | nf4: the frozen transformer's storage"),
-    batch_size: Optional[int] = typer.Option(None, help="per process"),
-    max_steps: Optional[int] = typer.Option(None),
-    optimizer: Optional[str] = typer.Option(None, help="prodigy | adamw | adamw8bit"),
-    num_processes: Optional[int] = typer.Option(None, help="GPUs (accelerate processes)"),
-    resume: str = typer.Option("latest", help=RESUME_HELP),
+    experiment: Optional[str] = typer.Option(None, parser=Name("an experiment name"),
+                                             help="a named experiment (default: experiments.default)"),
+    base_dtype: Optional[str] = typer.Option(None, parser=ConfigKey("a2bfr.base_dtype"),
+                                             help="bf16 | fp8 | nf4: the frozen transformer's storage"),
+    batch_size: Optional[int] = typer.Option(None, parser=ConfigKey("a2bfr.batch_size"), help="per process"),
+    max_steps: Optional[int] = typer.Option(None, parser=ConfigKey("a2bfr.max_steps")),
+    optimizer: Optional[str] = typer.Option(None, parser=ConfigKey("a2bfr.optimizer"),
+                                            help="prodigy | adamw | adamw8bit"),
+    num_processes: Optional[int] = typer.Option(None, parser=ConfigKey("a2bfr.num_processes"),
+                                                help="GPUs (accelerate processes)"),
+    resume: str = typer.Option("latest", parser=RESUME, help=RESUME_HELP),
     overwrite: bool = typer.Option(False, help="with --resume none: delete the folder's checkpoints first"),
-    profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
-    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+    profile: Optional[str] = _profile_option(),
+    config_file: Optional[list[Path]] = _config_option(),
 ) -> None:
     """Train A²BFR from the command line: the code the a2bfr_lora asset runs (`accelerate launch -m
     training.a2bfr.train`), on the published shards, resuming the run folder of the same settings."""
     from attrface_pipeline.builders import a2bfr_train_config, build_gt_latents, build_text_embeddings
     from training.plan import a2bfr_plan
 
-    if base_dtype not in (None, "bf16", "fp8", "nf4"):
-        raise typer.BadParameter(f"{base_dtype!r}; choose bf16, fp8 or nf4", param_hint="--base-dtype")
+    if overwrite and resume != "none":
+        _usage("--overwrite starts the run over: give it with --resume none (--resume latest continues the run)")
+
     cfg, name = _experiment_cfg("a2bfr", profile, _files(config_file), experiment, {
         "base_dtype": base_dtype, "batch_size": batch_size, "max_steps": max_steps, "optimizer": optimizer,
         "num_processes": num_processes})
@@ -244,11 +295,14 @@ def train_a2bfr_command(
 def train_roboface_command(
     plan: bool = typer.Option(False, "--plan", help="print stage II's parameters and estimated peak memory per "
                               "component (the real architectures on the meta device) and exit"),
-    experiment: Optional[str] = typer.Option(None, help="a named experiment (default: experiments.default)"),
-    batch_size: Optional[int] = typer.Option(None, help="stage II, per process and micro-batch"),
-    num_processes: Optional[int] = typer.Option(None, help="GPUs (accelerate processes)"),
-    profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
-    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+    experiment: Optional[str] = typer.Option(None, parser=Name("an experiment name"),
+                                             help="a named experiment (default: experiments.default)"),
+    batch_size: Optional[int] = typer.Option(None, parser=ConfigKey("roboface.stage2_batch_size"),
+                                             help="stage II, per process and micro-batch"),
+    num_processes: Optional[int] = typer.Option(None, parser=ConfigKey("roboface.num_processes"),
+                                                help="GPUs (accelerate processes)"),
+    profile: Optional[str] = _profile_option(),
+    config_file: Optional[list[Path]] = _config_option(),
 ) -> None:
     """Train RoboFace from the command line: captions, stage I, stage II -- the code the RoboFace assets run,
     resuming the run folders of the same settings."""
@@ -284,8 +338,8 @@ def train_roboface_command(
 
 @app.command("config")
 def show_config(
-    profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
-    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+    profile: Optional[str] = _profile_option(),
+    config_file: Optional[list[Path]] = _config_option(),
 ) -> None:
     """Print the fully resolved pipeline config as JSON."""
 
@@ -310,8 +364,8 @@ def _config_or_exit(profile: Optional[str], files: Optional[list[str]] = None):
 
 @app.command("check-models")
 def check_models_command(
-    profile: Optional[str] = typer.Option(None, help="offline | full (default: $ATTRFACE_PROFILE or offline)"),
-    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+    profile: Optional[str] = _profile_option(),
+    config_file: Optional[list[Path]] = _config_option(),
 ) -> None:
     """Check that every model build_dataset will load is present; list all missing ones with the fix."""
     from attrface_pipeline.models.store import ModelNotAvailableError, check_models, required_models
@@ -348,7 +402,8 @@ def _prepare_instance(home: Path) -> Path:
 
 @app.command("init-instance")
 def init_instance(
-    home: Optional[Path] = typer.Option(None, envvar="DAGSTER_HOME", help="instance folder (default $DAGSTER_HOME)"),
+    home: Optional[Path] = typer.Option(None, envvar="DAGSTER_HOME", parser=PathArg("dir", exists=None),
+                                        help="instance folder (default $DAGSTER_HOME)"),
 ) -> None:
     """Create the Dagster instance's storage once (setup does this), so first runs may start concurrently."""
     if home is None:
@@ -359,9 +414,10 @@ def init_instance(
 
 @app.command("resolve-model")
 def resolve_model(
-    spec: str = typer.Argument(..., help="hub id, local path, tiny/<name> or insightface pack name"),
-    profile: Optional[str] = typer.Option(None),
-    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+    spec: str = typer.Argument(..., parser=Text(1000, what="a model spec"),
+                               help="hub id, local path, tiny/<name> or insightface pack name"),
+    profile: Optional[str] = _profile_option(),
+    config_file: Optional[list[Path]] = _config_option(),
 ) -> None:
     """Resolve a model spec to a local directory (generating tiny models on first use)."""
     from attrface_pipeline.models.store import ModelNotAvailableError, ModelStore
@@ -376,11 +432,14 @@ def resolve_model(
 
 @app.command("serve-llm")
 def serve_llm(
-    model: str = typer.Option("tiny/qwen3", help="model spec (tiny/qwen3, a local dir, or a cached hub id)"),
-    port: int = typer.Option(8000, help="port on 127.0.0.1 (the default verbalize.vllm.base_url uses 8000)"),
-    name: Optional[str] = typer.Option(None, help="served model name (default: the spec)"),
-    profile: Optional[str] = typer.Option(None),
-    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+    model: str = typer.Option("tiny/qwen3", parser=Text(1000, what="a model spec"),
+                              help="model spec (tiny/qwen3, a local dir, or a cached hub id)"),
+    port: int = typer.Option(8000, parser=PORT,
+                             help="port on 127.0.0.1 (the default verbalize.vllm.base_url uses 8000)"),
+    name: Optional[str] = typer.Option(None, parser=Text(200, what="a served model name"),
+                                       help="served model name (default: the spec)"),
+    profile: Optional[str] = _profile_option(),
+    config_file: Optional[list[Path]] = _config_option(),
 ) -> None:
     """Run a local OpenAI-compatible vLLM server (from .venv-vllm) until Ctrl-C, for backend=vllm runs."""
     import time
@@ -403,12 +462,14 @@ def serve_llm(
 
 @app.command("review")
 def review(
-    host: str = typer.Option("127.0.0.1", help="bind address; anything but loopback needs --token"),
-    port: int = typer.Option(8765),
-    token: Optional[str] = typer.Option(None, envvar="ATTRFACE_REVIEW_TOKEN", help="required on every request"),
+    host: str = typer.Option("127.0.0.1", parser=Text(253, what="a host name or address"),
+                             help="bind address; anything but loopback needs --token"),
+    port: int = typer.Option(8765, parser=PORT),
+    token: Optional[str] = typer.Option(None, envvar="ATTRFACE_REVIEW_TOKEN", parser=Text(1000, what="a token"),
+                                        help="required on every request"),
     include_failed: bool = typer.Option(False, help="also show pairs that failed automatic QC"),
-    profile: Optional[str] = typer.Option(None),
-    config_file: Optional[list[Path]] = typer.Option(None, "-c", "--config", help="YAML file(s), in order"),
+    profile: Optional[str] = _profile_option(),
+    config_file: Optional[list[Path]] = _config_option(),
 ) -> None:
     """Open the human-review web app over the pairs that passed QC (decisions go to SQLite)."""
     from attrface_pipeline.web.review_app import serve
@@ -433,51 +494,66 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 @app.command("restore")
 def restore(
-    input_path: Path = typer.Option(..., "-i", "--input", help="a photo, an aligned face, or a folder of them "
-                                    "(searched recursively)"),
-    output: Path = typer.Option(Path("results"), "-o", "--output", help="results folder: cropped_faces/, "
-                                "restored_faces/, restored_imgs/, cmp/, settings.json, restore_log.jsonl"),
-    model: str = typer.Option("a2bfr", help=f"restorer: {', '.join(RESTORERS)}"),
-    weights: Optional[str] = typer.Option(None, help="release (the official A²BFR release through the model "
+    input_path: Path = typer.Option(..., "-i", "--input", parser=PathArg("any", exists=True),
+                                    help="a photo, an aligned face, or a folder of them (searched recursively)"),
+    output: Path = typer.Option(Path("results"), "-o", "--output", parser=PathArg("dir", exists=None),
+                                help="results folder: cropped_faces/, restored_faces/, restored_imgs/, cmp/, "
+                                "settings.json, restore_log.jsonl"),
+    model: str = typer.Option("a2bfr", parser=Choice(RESTORERS), help=f"restorer: {', '.join(RESTORERS)}"),
+    weights: Optional[str] = typer.Option(None, parser=Text(4096, what="release, latest or a path"),
+                                          help="release (the official A²BFR release through the model "
                                           "store: the a2bfr default) | latest (this instance's newest trained run: "
                                           "the roboface default) | a path: an A²BFR LoRA folder or .safetensors, "
                                           "a RoboFace <run>/stage2/final"),
-    base: Optional[str] = typer.Option(None, help="base pipeline spec (default: the config's models.flux for a2bfr, "
+    base: Optional[str] = typer.Option(None, parser=Text(1000, what="a model spec"),
+                                       help="base pipeline spec (default: the config's models.flux for a2bfr, "
                                        "models.sd2_controlnet for roboface)"),
     has_aligned: bool = typer.Option(False, "--has-aligned", help="inputs are aligned faces: restored whole, no "
                                      "detection (default: detected per image)"),
-    input_kind: str = typer.Option("auto", help="auto (aligned faces recognised by their landmarks) | aligned | "
-                                   "photo"),
+    input_kind: str = typer.Option("auto", parser=Choice(("auto", "aligned", "photo")),
+                                   help="auto (aligned faces recognised by their landmarks) | aligned | photo"),
     only_center_face: bool = typer.Option(False, "--only-center-face", help="restore only the face nearest the "
                                           "centre of each photo"),
-    upscale: float = typer.Option(1.0, help="enlarge the whole photo by this factor (faces pasted at that scale)"),
-    bg_upsampler: str = typer.Option("none", help="background when upscaling: none (plain Lanczos resize) | "
-                                     "bicubic"),
-    suffix: Optional[str] = typer.Option(None, help="appended to restored file names (name_SUFFIX.png)"),
-    ext: str = typer.Option("auto", help="restored_imgs/ format: auto (the input's) | png | jpg | webp"),
-    prompt: Optional[str] = typer.Option(None, help="steer the restoration, e.g. 'a photo of a smiling face'"),
-    steps: Optional[int] = typer.Option(None, help="denoising steps (A²BFR: 28, RoboFace: 50)"),
-    guidance: Optional[float] = typer.Option(None, help="text guidance (A²BFR: 3.0, RoboFace: 7.5)"),
-    image_guidance: Optional[float] = typer.Option(None, help="A²BFR condition guidance (1.0 = off)"),
-    seed: int = typer.Option(0, help="every face is restored from this seed, as the official inference"),
-    device: str = typer.Option("auto", help="auto (cuda if present) | cpu | cuda | cuda:N"),
-    dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | "
-                              "float16 (any device)"),
-    width: Optional[int] = typer.Option(None, help="A²BFR output width (multiple of 16; default: the LoRA's "
-                                        "training size, else 512)"),
-    height: Optional[int] = typer.Option(None, help="A²BFR output height (multiple of 16)"),
-    lora_scale: Optional[float] = typer.Option(None, help="A²BFR adapter scale on the condition tokens (default: "
-                                               "the LoRA's recorded scale; 1.0 for the release)"),
-    condition_latent: str = typer.Option("sample", help="A²BFR condition latent: sample (the official draw) | mean "
+    upscale: float = typer.Option(1.0, parser=Float(1, 8), help="enlarge the whole photo by this factor (faces "
+                                  "pasted at that scale)"),
+    bg_upsampler: str = typer.Option("none", parser=Choice(("none", "bicubic")),
+                                     help="background when upscaling: none (plain Lanczos resize) | bicubic"),
+    suffix: Optional[str] = typer.Option(None, parser=Name("a file-name suffix"),
+                                         help="appended to restored file names (name_SUFFIX.png)"),
+    ext: str = typer.Option("auto", parser=Choice(("auto", "png", "jpg", "webp")),
+                            help="restored_imgs/ format: auto (the input's) | png | jpg | webp"),
+    prompt: Optional[str] = typer.Option(None, parser=Text(2000, empty=True, what="a prompt"),
+                                         help="steer the restoration, e.g. 'a photo of a smiling face'"),
+    steps: Optional[int] = typer.Option(None, parser=Int(1, 1000), help="denoising steps (A²BFR: 28, RoboFace: 50)"),
+    guidance: Optional[float] = typer.Option(None, parser=Float(0, 100),
+                                             help="text guidance (A²BFR: 3.0, RoboFace: 7.5)"),
+    image_guidance: Optional[float] = typer.Option(None, parser=Float(0, 100),
+                                                   help="A²BFR condition guidance (1.0 = off)"),
+    seed: int = typer.Option(0, parser=SEED, help="every face is restored from this seed, as the official inference"),
+    device: str = typer.Option("auto", parser=Device(), help="auto (cuda if present) | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", parser=Choice(("auto", "float32", "bfloat16", "float16")),
+                              help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16 (any "
+                              "device)"),
+    width: Optional[int] = typer.Option(None, parser=Int(16, 4096, multiple=16),
+                                        help="A²BFR output width (multiple of 16; default: the LoRA's training size, "
+                                        "else 512)"),
+    height: Optional[int] = typer.Option(None, parser=Int(16, 4096, multiple=16),
+                                         help="A²BFR output height (multiple of 16)"),
+    lora_scale: Optional[float] = typer.Option(None, parser=Float(-10, 10),
+                                               help="A²BFR adapter scale on the condition tokens (default: the LoRA's "
+                                               "recorded scale; 1.0 for the release)"),
+    condition_latent: str = typer.Option("sample", parser=Choice(("sample", "mean")),
+                                         help="A²BFR condition latent: sample (the official draw) | mean "
                                          "(deterministic; not the official output)"),
     condition_cache: bool = typer.Option(False, "--condition-cache", help="A²BFR: compute the condition once per "
                                          "face (LoRAs trained with condition_attends: self)"),
     batch_guidance: bool = typer.Option(False, "--batch-guidance", help="A²BFR: run the image-guidance pass in the "
                                         "same call (faster on a GPU; bf16 rounds differently from the official)"),
-    batch_size: int = typer.Option(1, min=1, help="faces per model call (each keeps its own seeded noise)"),
+    batch_size: int = typer.Option(1, parser=Int(1, 64), help="faces per model call (each keeps its own seeded "
+                                   "noise)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="redo inputs already restored into this folder"),
-    profile: Optional[str] = typer.Option(None),
-    config: Optional[list[str]] = typer.Option(None, "-c", "--config", help="YAML settings file(s)"),
+    profile: Optional[str] = _profile_option(),
+    config_file: Optional[list[Path]] = _config_option(),
 ) -> None:
     """Restore faces: photos are detected, aligned, restored face by face and pasted back; aligned faces are restored
     whole. Outputs follow CodeFormer's layout; exit status 0 all done, 1 the run failed, 2 usage error, 3 some
@@ -496,7 +572,7 @@ def restore(
 
     if model not in RESTORERS:
         fail(f"unknown model {model!r}; choose from {sorted(RESTORERS)}", EXIT_USAGE)
-    cfg = _config_or_exit(profile, config)
+    cfg = _config_or_exit(profile, _files(config_file))
     try:
         options = RestoreOptions(input_kind="aligned" if has_aligned else input_kind,
                                  only_center_face=only_center_face, upscale=upscale, bg_upsampler=bg_upsampler,
@@ -554,21 +630,27 @@ def restore(
 
 @app.command("bench-gpu")
 def bench_gpu(
-    model: Optional[list[str]] = typer.Option(None, help="large | medium | tiny, repeatable (default: SD3.5 Large "
-                                              "and Medium on CUDA, tiny on a CPU)"),
-    mode: Optional[list[str]] = typer.Option(None, help="eager | compiled | fp8, repeatable (default: all that run "
-                                             "here)"),
-    batch: Optional[list[int]] = typer.Option(None, help="batch sizes, repeatable (default: 1 4 8)"),
-    max_sequence_length: Optional[list[int]] = typer.Option(None, help="T5 tokens, repeatable (default: the full "
+    model: Optional[list[str]] = typer.Option(None, parser=Choice(("large", "medium", "tiny")),
+                                              help="large | medium | tiny, repeatable (default: SD3.5 Large and "
+                                              "Medium on CUDA, tiny on a CPU)"),
+    mode: Optional[list[str]] = typer.Option(None, parser=Choice(("eager", "compiled", "fp8")),
+                                             help="eager | compiled | fp8, repeatable (default: all that run here)"),
+    batch: Optional[list[int]] = typer.Option(None, parser=Int(1, 64),
+                                              help="batch sizes, repeatable (default: 1 4 8)"),
+    max_sequence_length: Optional[list[int]] = typer.Option(None, parser=Int(1, 512),
+                                                            help="T5 tokens, repeatable (default: the full "
                                                             "profile's)"),
-    resolution: int = typer.Option(512),
-    repeats: int = typer.Option(2),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
+    resolution: int = typer.Option(512, parser=Int(64, 2048, multiple=16)),
+    repeats: int = typer.Option(2, parser=Int(1, 100)),
+    json_out: Optional[Path] = typer.Option(None, "--json", parser=PathArg("file", exists=None),
+                                            help="also write the results as JSON here"),
     all_rows: bool = typer.Option(False, "--all", help="the acceptance run: every GPU row of docs/benchmarks.md "
                                   "(FlowEdit, A²BFR train bf16/fp8/nf4 + restore, RoboFace, FaRL, metrics) into "
                                   "<data_root>/benchmarks_gpu/bench_gpu.json and .md"),
     update_docs: bool = typer.Option(False, "--update-docs", help="with --all: write the table into "
                                      "docs/benchmarks.md"),
+    profile: Optional[str] = _profile_option(),
+    config_file: Optional[list[Path]] = _config_option(),
 ) -> None:
     """FlowEdit cost at the full profile's parameters: SD3.5 Large/Medium from their configs with random weights on
     CUDA (eager, compiled, float8; batch 1/4/8), the tiny model on a CPU. --all: every GPU row (about 8 minutes on
@@ -603,14 +685,18 @@ def bench_gpu(
 
 @app.command("evaluate")
 def evaluate(
-    pred: Path = typer.Option(..., "--pred", help="folder of restored faces (aligned crops)"),
-    gt: Path = typer.Option(..., "--gt", help="folder of ground-truth faces with the same file names"),
+    pred: Path = typer.Option(..., "--pred", parser=PathArg("dir", exists=True),
+                              help="folder of restored faces (aligned crops)"),
+    gt: Path = typer.Option(..., "--gt", parser=PathArg("dir", exists=True),
+                            help="folder of ground-truth faces with the same file names"),
     metrics: Optional[list[str]] = typer.Option(
-        None, "--metric", help="repeatable; default: psnr ssim lpips ids fid and the no-reference metrics "
+        None, "--metric", parser=Choice(_metric_names),
+        help="repeatable; default: psnr ssim lpips ids fid and the no-reference metrics "
         "(those need the [iqa] extra)"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
-    profile: Optional[str] = typer.Option(None),
-    config: Optional[list[str]] = typer.Option(None, "-c", "--config", help="YAML settings file(s)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", parser=PathArg("file", exists=None),
+                                            help="also write the results as JSON here"),
+    profile: Optional[str] = _profile_option(),
+    config_file: Optional[list[Path]] = _config_option(),
 ) -> None:
     """Metrics of a folder of restorations against a folder of GT faces (paired by file name). A pair whose image
     cannot be read is reported and left out; exit status 0 all pairs scored, 1 nothing could be scored, 2 usage
@@ -624,7 +710,7 @@ def evaluate(
     unknown = sorted(set(chosen) - set(FOLDER_METRICS))
     if unknown:
         raise typer.BadParameter(f"unknown metric(s) {unknown}; choose from {list(FOLDER_METRICS)}")
-    cfg = _config_or_exit(profile, config)
+    cfg = _config_or_exit(profile, _files(config_file))
     if json_out is not None:
         try:
             prepare_output_dir(json_out.parent)  # before any network loads

@@ -55,7 +55,9 @@ def launch_command(module: str, config_path: Path, *, num_processes: int = 1, mi
         return [sys.executable, "-m", module, "--config", str(config_path)]
     if launcher != "accelerate":
         raise ValueError(f"launcher must be 'accelerate' or 'python', got {launcher!r}")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+    # --quiet: a failed child ends the launcher with exit 1 instead of a second traceback (CalledProcessError); the
+    # child has said what failed (training.child)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
     if num_processes > 1:
         # torchrun-style launcher; without CUDA the caller sets ACCELERATE_USE_CPU=1 and accelerate uses gloo (DDP)
@@ -120,8 +122,11 @@ def run_training_subprocess(context: dg.AssetExecutionContext, *, module: str, c
 
     The environment is this process's plus PYTHONUNBUFFERED=1 and HF_HUB_OFFLINE (1 unless already set), then
     ``extra_env``. Mixed precision comes from the config's first ``mixed_precision`` key ("no" if none). Returns the
-    Pipes invocation: ``.get_materialize_result()`` gives the metadata the trainer reported. A non-zero exit raises.
+    Pipes invocation: ``.get_materialize_result()`` gives the metadata the trainer reported. A non-zero exit raises;
+    a failure the trainer reported as one line (training.child) fails the step with that line.
     """
+    from training.child import ERROR_FILE_ENV, read_error
+
     import torch  # here, not at module import: the code location loads without it
 
     output_dir = Path(output_dir)
@@ -138,4 +143,12 @@ def run_training_subprocess(context: dg.AssetExecutionContext, *, module: str, c
     env.update({k: str(v) for k, v in (extra_env or {}).items()})
     context.log.info(f"training: {' '.join(cmd)}  (config: {json.dumps(config, default=str)[:500]})")
     client = client or dg.PipesSubprocessClient(message_reader=WholeLineMessageReader())
-    return client.run(context=context, command=cmd, env=env, cwd=str(cwd or HOME))
+    with tempfile.TemporaryDirectory() as tmp:
+        env[ERROR_FILE_ENV] = os.path.join(tmp, "error.txt")
+        try:
+            return client.run(context=context, command=cmd, env=env, cwd=str(cwd or HOME))
+        except dg.DagsterPipesExecutionError:
+            line = read_error(env[ERROR_FILE_ENV])
+            if line is None:
+                raise
+            raise dg.Failure(description=f"{module}: {line}", allow_retries=False) from None

@@ -341,4 +341,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from training.child import run_main
+
+    run_main(main)
