@@ -19,9 +19,10 @@ Lanczos, as CodeFormer/GFPGAN do without an upsampler; ``bicubic`` resizes it bi
 enlarged scale. No learned background upsampler (Real-ESRGAN) is bundled.
 
 :func:`restore_folder` is ``attrface restore``: CodeFormer's output layout (``cropped_faces/``,
-``restored_faces/``, ``restored_imgs/``, ``cmp/``), the resolved settings in ``settings.json``, one JSON line per
-input in ``restore_log.jsonl`` written as the run goes, a re-run that skips finished inputs, and one bad file never
-stopping the others.
+``restored_faces/``, ``restored_imgs/``, ``cmp/``), the resolved settings in ``settings.json`` (with a content
+fingerprint of the weights), one checksummed JSON line per input in ``restore_log.jsonl`` written as the run goes, a
+re-run that skips an input only when its content, the settings and its outputs are those its record names, and one
+bad file never stopping the others. Every file written is checked to lie inside the output folder.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -42,6 +44,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from attrface_pipeline.artifacts import (ArtifactError, ArtifactKind, append_jsonl, content_fingerprint, file_sha256,
+                                         finite_json, read_json, read_jsonl, register, write_json)
 from attrface_pipeline.config import IngestConfig, SourceConfig
 from attrface_pipeline.images import EXTENSIONS, check_rgb, encode_image
 from attrface_pipeline.stages.align import align_face, template_points, transform_points
@@ -261,6 +265,17 @@ def encode_for_path(rgb: np.ndarray, path: Path) -> bytes:
     return buf.getvalue()
 
 
+def check_suffix(suffix: str | None) -> None:
+    """ValueError unless ``suffix`` (``--suffix``, appended to file names) is None or a plain piece of a file name."""
+    if suffix is None:
+        return
+    if (not isinstance(suffix, str) or not suffix.strip() or "/" in suffix or "\\" in suffix or ".." in suffix
+            or any(ord(c) < 32 or ord(c) == 127 for c in suffix)):
+        raise ValueError(f"--suffix {suffix!r} is not allowed: it is appended to output file names (name_SUFFIX.png), "
+                         f"so it must be non-empty and hold no path separator (/ or \\), no '..' and no control "
+                         f"character (NUL, newline); e.g. --suffix v1")
+
+
 @dataclass
 class RestoreOptions:
     """How :func:`restore_folder` treats each input (CodeFormer's / GFPGAN's flags)."""
@@ -279,6 +294,7 @@ class RestoreOptions:
         if self.ext not in ("auto", "png", "jpg", "webp"):
             raise ValueError(f"ext must be auto, png, jpg or webp, not {self.ext!r}")
         check_upsample(self.upscale, self.bg_upsampler)
+        check_suffix(self.suffix)
 
 
 SETTINGS_FILE = "settings.json"
@@ -332,43 +348,150 @@ def prepare_output_dir(out_dir: Path, *, min_free: int = MIN_FREE_BYTES) -> Path
     return out_dir
 
 
+RESTORE_REMEDY = "choose another output folder (-o) or pass --overwrite to redo everything there"
+LOG_REMEDY = "a re-run redoes the inputs of damaged lines; or pass --overwrite to redo everything"
+WEIGHTS_KEY = "weights_sha256"  # the settings key holding weights_fingerprint(settings["weights"])
+
+
 def settings_fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _read_log(path: Path) -> dict[str, dict]:
-    """The last record per input name (a line cut by a crash is ignored)."""
-    records: dict[str, dict] = {}
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and "name" in rec:
-                records[rec["name"]] = rec
+def weights_fingerprint(path: str | Path) -> str:
+    """sha256 over the content of a weights file or folder (every file, by its path inside the folder; streamed,
+    memoized per file for the process): other weights at the same path give another fingerprint."""
+    return content_fingerprint([Path(path)])
+
+
+def with_weights_fingerprint(settings: dict) -> dict:
+    """``settings`` with :data:`WEIGHTS_KEY` added when ``settings["weights"]`` is an existing local file or folder
+    (and the caller has not given one)."""
+    weights = settings.get("weights")
+    if WEIGHTS_KEY in settings or not isinstance(weights, (str, os.PathLike)) or not str(weights):
+        return settings
+    path = Path(weights).expanduser()
+    if not path.exists():
+        return settings
+    return {**settings, WEIGHTS_KEY: weights_fingerprint(path)}
+
+
+def output_path(out_dir: Path, rel: str | Path) -> Path:
+    """``out_dir / rel``; ValueError when it would resolve outside ``out_dir`` (a '..' or absolute name, a link
+    placed in the folder)."""
+    root = Path(out_dir).resolve()
+    path = Path(out_dir) / rel
+    if not (root / rel).resolve().is_relative_to(root):
+        raise ValueError(f"refusing to write {path}: it lies outside the output folder {out_dir} (name {str(rel)!r})")
+    return path
+
+
+def write_settings(path: Path, settings: dict) -> None:
+    """``settings.json``: the run's settings and their fingerprint, with its integrity record."""
+    write_json(path, "restore.settings", {"settings": settings, "fingerprint": settings_fingerprint(settings)})
+
+
+def read_settings(path: Path) -> dict:
+    """The settings a restore folder was made with; :class:`ArtifactError` names the path, what is wrong and the
+    remedy (a missing file: ``ArtifactMissingError``)."""
+    payload = read_json(path, "restore.settings")
+    if not isinstance(payload.get("settings"), dict):
+        raise ArtifactError(path, "the restore settings hold no 'settings' mapping", RESTORE_REMEDY)
+    return payload["settings"]
+
+
+def append_record(path: Path, record: dict) -> None:
+    """One input's record, appended to ``restore_log.jsonl`` with its line checksum."""
+    append_jsonl(path, record)
+
+
+def read_log(path: Path) -> list[dict]:
+    """Every record of a restore log, strictly: a damaged line raises :class:`ArtifactError` (a torn last line, the
+    record a killed run was writing, is dropped)."""
+    records, problems = read_jsonl(path, "restore.log")
+    if problems:
+        raise ArtifactError(path, f"the restore log has {len(problems)} damaged line(s) ({'; '.join(problems[:3])})",
+                            LOG_REMEDY)
     return records
 
 
-def _check_settings(out_dir: Path, settings: dict, overwrite: bool) -> None:
-    from attrface_pipeline.storage import atomic_write_json
+_NAME_FIELD = re.compile(rb'"name":\s*("(?:[^"\\]|\\.)*")')
+
+
+def _name_in(raw: bytes) -> str | None:
+    """The input name a damaged log line still shows, if any."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+        if isinstance(data, dict) and isinstance(data.get("name"), str):
+            return data["name"]
+    except ValueError:
+        pass
+    match = _NAME_FIELD.search(raw)
+    try:
+        name = json.loads(match.group(1).decode("utf-8", "replace")) if match else None
+    except ValueError:
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _read_log(path: Path, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """The last record per input name. A torn last line (a killed run) is dropped; each other damaged line is
+    reported (one line each, the first 20) and the input it names, where it still shows one and no later record of
+    that input follows, is redone."""
+    records, problems = read_jsonl(path, "restore.log")
+    if not problems:
+        return {rec["name"]: rec for rec in records if isinstance(rec.get("name"), str)}
+    lines = path.read_bytes().split(b"\n")
+    damaged = {}
+    for problem in problems:
+        match = re.match(r"line (\d+):", problem)
+        damaged[int(match.group(1)) if match else 0] = problem
+    # read_jsonl keeps the good lines in order: the non-blank lines that are not damaged (a dropped torn tail last)
+    numbers = [n for n, line in enumerate(lines, 1) if line.strip() and n not in damaged]
+    latest: dict[str, tuple[int, dict]] = {}
+    for number, rec in zip(numbers, records):
+        if isinstance(rec.get("name"), str):
+            latest[rec["name"]] = (number, rec)
+    for n, (number, problem) in enumerate(sorted(damaged.items())):
+        name = _name_in(lines[number - 1]) if 0 < number <= len(lines) else None
+        if name is None:
+            what = "its input is unknown (inputs without a good record are redone)"
+        elif name in latest and latest[name][0] > number:
+            what = f"a later record of {name!r} stands"
+        else:
+            latest.pop(name, None)
+            what = f"{name!r} is redone"
+        if n < 20:
+            log(f"restore: {path} {problem}; {what}")
+    if len(damaged) > 20:
+        log(f"restore: {path}: {len(damaged) - 20} more damaged line(s)")
+    return {name: rec for name, (_, rec) in latest.items()}
+
+
+def _check_settings(out_dir: Path, settings: dict, overwrite: bool) -> str:
+    """Refuse a folder holding results of other settings (unless ``overwrite``), then record ``settings``; returns
+    their fingerprint (each log record carries it)."""
     from training.engine import flatten_tree, json_normal
 
-    path = out_dir / SETTINGS_FILE
-    if path.is_file() and not overwrite:
-        try:
-            old = json.loads(path.read_text()).get("settings", {})
-        except (OSError, ValueError):
-            old = None
-        now = json_normal(settings)
+    path, log_path = output_path(out_dir, SETTINGS_FILE), output_path(out_dir, LOG_FILE)
+    for p, what in ((path, "settings"), (log_path, "log")):
+        if p.is_dir():
+            raise ArtifactError(p, f"a folder where the restore {what} file belongs",
+                                "remove it or choose another output folder (-o)")
+    now = json_normal(finite_json(settings))
+    if path.exists() and not overwrite:
+        old = read_settings(path)
         if old != now:
-            before, after = flatten_tree(old or {}), flatten_tree(now)
+            before, after = flatten_tree(old), flatten_tree(now)
             changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-            raise ValueError(f"{out_dir} holds results made with other settings (changed: {', '.join(changed)}); "
-                             f"choose another output folder or pass --overwrite to redo everything there")
+            why = ", ".join(changed)
+            if WEIGHTS_KEY in changed and "weights" not in changed:
+                why += (f"; the weights at {now.get('weights')} changed: same path, other content than these "
+                        f"results were made with")
+            raise ValueError(f"{out_dir} holds results made with other settings (changed: {why}); {RESTORE_REMEDY}")
     if overwrite:
-        (out_dir / LOG_FILE).unlink(missing_ok=True)
-    atomic_write_json(path, {"settings": settings, "fingerprint": settings_fingerprint(settings)})
+        log_path.unlink(missing_ok=True)
+    write_settings(path, now)
+    return settings_fingerprint(now)
 
 
 def _names(name: str, index: int, suffix: str | None) -> tuple[str, str, str]:
@@ -396,27 +519,60 @@ def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 def restore_one(src: Path, name: str, out_dir: Path, restore: RestoreFn, *, detector: FaceDetector,
                 align_spec: AlignSpec, options: RestoreOptions, max_pixels: int) -> dict:
-    """Restore one input into ``out_dir``'s layout; returns its record (raises on failure)."""
-    rgb, _ = load_rgb(src, min_side=1, max_pixels=max_pixels)
+    """Restore one input into ``out_dir``'s layout; returns its record (raises on failure, ValueError for an output
+    name that would lie outside ``out_dir``). ``input_sha256``: of the bytes restored; ``output_sha256``: of each
+    file written."""
+    rgb, input_sha256 = load_rgb(src, min_side=1, max_pixels=max_pixels)
     out, report = restore_photo(rgb, restore, detector=detector, align_spec=align_spec,
                                 input_kind=options.input_kind, min_face=options.min_face,
                                 only_center_face=options.only_center_face, upscale=options.upscale,
                                 bg_upsampler=options.bg_upsampler)
-    written = []
-
-    def write(rel: str, image: np.ndarray) -> None:
-        atomic_write_bytes(out_dir / rel, encode_for_path(image, out_dir / rel))
-        written.append(rel)
-
-    for i, (crop, face) in enumerate(zip(report.crops, report.restored)):
-        cropped, restored, cmp = _names(name, i, options.suffix)
-        write(cropped, crop)
-        write(restored, face)
-        write(cmp, side_by_side(crop, face))
+    planned = []
+    for i in range(len(report.crops)):
+        planned.extend(_names(name, i, options.suffix))
     if not report.aligned_input:  # a whole photo: the faces pasted back (unchanged when none was found)
-        write(f"restored_imgs/{_image_name(name, options.suffix, options.ext)}", out)
-    return {"faces": report.faces, "aligned_input": report.aligned_input, "outputs": written,
-            "reason": "" if report.faces else "no face found; the photo was written unchanged"}
+        planned.append(f"restored_imgs/{_image_name(name, options.suffix, options.ext)}")
+    paths = [output_path(out_dir, rel) for rel in planned]  # every name checked before anything is written
+    images = []
+    for crop, face in zip(report.crops, report.restored):
+        images += [crop, face, side_by_side(crop, face)]
+    if not report.aligned_input:
+        images.append(out)
+    hashes = {}
+    for rel, path, image in zip(planned, paths, images):
+        data = encode_for_path(image, path)
+        atomic_write_bytes(path, data)
+        hashes[rel] = hashlib.sha256(data).hexdigest()
+    return {"faces": report.faces, "aligned_input": report.aligned_input, "outputs": planned,
+            "reason": "" if report.faces else "no face found; the photo was written unchanged",
+            "input_sha256": input_sha256, "output_sha256": hashes}
+
+
+def _still_done(record: dict | None, src: Path, out_dir: Path, fingerprint: str) -> bool:
+    """True when ``record`` says ``src`` was restored with these settings, ``src`` holds the same bytes now, and
+    every output it names is there with the content written."""
+    if not record or record.get("status") != "ok" or record.get("settings") != fingerprint:
+        return False
+    outputs, hashes = record.get("outputs"), record.get("output_sha256")
+    if not (isinstance(outputs, list) and isinstance(hashes, dict) and record.get("input_sha256")):
+        return False
+    try:
+        if not Path(src).is_file() or file_sha256(src) != record["input_sha256"]:  # is_file: never open a FIFO
+            return False
+        for rel in outputs:
+            path = output_path(out_dir, rel)
+            if not path.is_file() or hashes.get(rel) != file_sha256(path):
+                return False
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _stem(name: str) -> str:
+    try:
+        return Path(name).with_suffix("").as_posix()
+    except ValueError:
+        return name
 
 
 def restore_folder(inputs: list[tuple[Path, str]], out_dir: Path, restore: RestoreFn, *, detector: FaceDetector,
@@ -425,51 +581,87 @@ def restore_folder(inputs: list[tuple[Path, str]], out_dir: Path, restore: Resto
                    max_pixels: int | None = None) -> dict:
     """Restore every input (``list_inputs``) into ``out_dir``; returns the run's summary.
 
-    ``settings`` (the model's and the run's, JSON-able) go to ``settings.json``; a folder holding results of other
-    settings is refused unless ``overwrite``. One record per input is appended to ``restore_log.jsonl`` as soon as
-    it is done: name, file, status (ok | failed), reason, faces, aligned_input, seconds, outputs. Inputs whose last
-    record is ok and whose outputs exist are skipped (``overwrite`` redoes them). A bad input (unreadable, too
-    small for the detector, a failed write) is a failed record; the run goes on.
+    ``settings`` (the model's and the run's, JSON-able) go to ``settings.json``, with ``weights_sha256``
+    (:func:`weights_fingerprint`) added when ``settings["weights"]`` is a local file or folder; a folder holding
+    results of other settings (other weights at the same path included) is refused unless ``overwrite``; a damaged
+    ``settings.json`` is refused naming it. One checksummed record per input is appended to ``restore_log.jsonl``
+    as soon as it is done: name, file, status (ok | failed), reason, faces, aligned_input, seconds, outputs,
+    input_sha256, output_sha256, settings (their fingerprint). An input is skipped only when its last record is ok,
+    was made with these settings, its file still has the recorded sha256 and its outputs the recorded content
+    (``overwrite`` redoes all). A bad input (unreadable, too small for the detector, a failed write, a name whose
+    outputs would collide with an earlier input's) is a failed record; the run goes on.
     """
     from tqdm.auto import tqdm
 
     options = options or RestoreOptions()
+    check_suffix(options.suffix)
     max_pixels = max_pixels or IngestConfig().max_pixels
     out_dir = prepare_output_dir(out_dir)
-    _check_settings(out_dir, {**settings, "options": asdict(options)}, overwrite)
-    previous = {} if overwrite else _read_log(out_dir / LOG_FILE)
+    full = {**with_weights_fingerprint(settings), "options": asdict(options)}
+    fingerprint = _check_settings(out_dir, full, overwrite)
+    log_path = output_path(out_dir, LOG_FILE)
+    previous = {} if overwrite else _read_log(log_path, log)
+    owners: dict[str, str] = {}
+    for _, name in inputs:
+        owners.setdefault(_stem(name), name)
     summary = {"inputs": len(inputs), "restored": 0, "skipped": 0, "failed": 0, "faces": 0, "failures": [],
                "out_dir": str(out_dir)}
     t_run = time.perf_counter()
     bar = tqdm(inputs, desc="restore", unit="img", disable=not progress, dynamic_ncols=True)
-    with open(out_dir / LOG_FILE, "a") as log_file:
-        for src, name in bar:
-            done = previous.get(name)
-            if done and done.get("status") == "ok" and all((out_dir / o).is_file() for o in done.get("outputs", [])):
-                summary["skipped"] += 1
-                continue
-            t0 = time.perf_counter()
-            record = {"name": name, "file": str(src), "status": "ok", "reason": "", "faces": 0,
-                      "aligned_input": False, "outputs": []}
-            try:
-                record.update(restore_one(src, name, out_dir, restore, detector=detector, align_spec=align_spec,
-                                          options=options, max_pixels=max_pixels))
-            except QuarantineError as err:
-                record.update(status="failed", reason=f"unreadable: {err}")
-            except Exception as err:  # noqa: BLE001 - one bad input never stops the others; the record says why
-                record.update(status="failed", reason=f"{type(err).__name__}: {err}")
-            record["seconds"] = round(time.perf_counter() - t0, 3)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            if record["status"] == "failed":
-                summary["failed"] += 1
-                summary["failures"].append((name, record["reason"]))
-                log(f"restore: {name} failed: {record['reason']}")
-            else:
-                summary["restored"] += 1
-                summary["faces"] += record["faces"]
-                if record["reason"]:
-                    log(f"restore: {name}: {record['reason']}")
-            bar.set_postfix(faces=summary["faces"], failed=summary["failed"])
+    for src, name in bar:
+        if _still_done(previous.get(name), src, out_dir, fingerprint):
+            summary["skipped"] += 1
+            continue
+        t0 = time.perf_counter()
+        record = {"name": name, "file": str(src), "status": "ok", "reason": "", "faces": 0,
+                  "aligned_input": False, "outputs": [], "input_sha256": None, "output_sha256": {},
+                  "settings": fingerprint}
+        first = owners.get(_stem(name), name)
+        try:
+            if first != name:
+                raise ValueError(f"its outputs would take the names of those of {first} (the same name but the "
+                                 f"suffix); rename one of them")
+            record.update(restore_one(src, name, out_dir, restore, detector=detector, align_spec=align_spec,
+                                      options=options, max_pixels=max_pixels))
+        except QuarantineError as err:
+            record.update(status="failed", reason=f"unreadable: {err}")
+        except Exception as err:  # noqa: BLE001 - one bad input never stops the others; the record says why
+            record.update(status="failed", reason=f"{type(err).__name__}: {err}")
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        append_record(log_path, record)
+        if record["status"] == "failed":
+            summary["failed"] += 1
+            summary["failures"].append((name, record["reason"]))
+            log(f"restore: {name} failed: {record['reason']}")
+        else:
+            summary["restored"] += 1
+            summary["faces"] += record["faces"]
+            if record["reason"]:
+                log(f"restore: {name}: {record['reason']}")
+        bar.set_postfix(faces=summary["faces"], failed=summary["failed"])
     summary["seconds"] = round(time.perf_counter() - t_run, 2)
     return summary
+
+
+def _example_settings(folder: Path) -> list[Path]:
+    path = Path(folder) / SETTINGS_FILE
+    write_settings(path, {"model": "example", "weights": "weights.safetensors", WEIGHTS_KEY: "0" * 64,
+                          "options": asdict(RestoreOptions(suffix="v1"))})
+    return [path]
+
+
+def _example_log(folder: Path) -> list[Path]:
+    path = Path(folder) / LOG_FILE
+    for name in ("a.png", "sub/b.jpg"):
+        append_record(path, {"name": name, "file": f"in/{name}", "status": "ok", "reason": "", "faces": 1,
+                             "aligned_input": False, "outputs": [f"restored_imgs/{name}"],
+                             "input_sha256": hashlib.sha256(name.encode()).hexdigest(),
+                             "output_sha256": {f"restored_imgs/{name}": "0" * 64}, "settings": "0" * 16,
+                             "seconds": 0.5})
+    return [path]
+
+
+register(ArtifactKind("restore.settings", 1, "restore settings", RESTORE_REMEDY, example=_example_settings,
+                      read=read_settings))
+register(ArtifactKind("restore.log", 1, "restore log", LOG_REMEDY, example=_example_log, read=read_log,
+                      torn_tail_ok=True))

@@ -143,13 +143,14 @@ def test_restore_cli_says_what_is_wrong_with_hostile_weights_and_outputs(tmp_pat
         assert out.exit_code == 1 and message in out.output and str(weights / name) in out.output, out.output
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    out = _restore([*base, "-o", str(blocker / "results"), "--weights", str(release_lora)])
-    assert out.exit_code == 1 and f"cannot write {blocker / 'results'}" in out.output, out.output
+    out = _restore([*base, "-o", str(blocker / "results"), "--weights", str(release_lora)])  # refused when parsed
+    assert out.exit_code == 2 and "'-o' / '--output'" in out.output and f"{blocker} is a file" in out.output, \
+        out.output
     if os.geteuid() != 0:  # root writes through permissions
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
         out = _restore([*base, "-o", str(locked / "results"), "--weights", str(release_lora)])
-        assert out.exit_code == 1 and "permission denied" in out.output, out.output
+        assert out.exit_code == 2 and "not writable" in out.output, out.output
 
 
 def test_loaders_skip_every_hostile_sample(tmp_path, shard_dir):

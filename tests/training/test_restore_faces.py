@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from attrface_pipeline.artifacts import file_sha256
 from attrface_pipeline.builders import align_spec, build_detector
 from attrface_pipeline.config import PROJECT_ROOT, PipelineConfig
 from attrface_pipeline.images import encode_image, read_rgb
@@ -202,6 +203,7 @@ def test_restore_folder_layout_records_and_resume(tmp_path, detector, cfg):
     assert records["sub/face.png"]["aligned_input"]
     assert records["tiny.png"]["status"] == "ok" and records["tiny.png"]["reason"].startswith("no face found")
     assert all("seconds" in r for r in records.values())
+    assert records["group.png"]["input_sha256"] == file_sha256(src / "group.png")  # re-runs decide by content
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert "restored_imgs/group_v1.png" in files and "restored_imgs/blank_v1.png" in files
     assert "restored_faces/sub/face_00_v1.png" in files and not any("restored_imgs/sub" in f for f in files)
