@@ -21,6 +21,13 @@ whatever the global RNG (``training.data.make_loader`` derives every random choi
 A checkpoint is written into a hidden temp folder and renamed into place; ``latest`` is updated after the rename
 and older checkpoints are pruned only then, so a crash at any moment leaves the previous checkpoint usable.
 Only the main process writes files; ``save_fn`` and ``on_checkpoint`` run there, on the unwrapped model.
+
+Integrity: ``trainer_state.json`` is a JSON artifact (kind ``checkpoint.state``, ``attrface_pipeline.artifacts``)
+written last, recording the size and sha256 of every other file of the folder (weights, optimizer, RNG, scaler,
+config and save_fn's deliverable). Resuming verifies them all first (:func:`verify_checkpoint`): a damaged, cut,
+replaced or missing file, or a damaged or old-format state, is a one-line :class:`CheckpointError` naming the
+file and the remedy (resume from another checkpoint folder, or start over). Files added to a checkpoint after it
+was complete (``on_checkpoint``'s sample grids) are not part of it and are not checked.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from attrface_pipeline.artifacts import (ArtifactError, ArtifactKind, file_record, read_json, register, verify_file,
+                                         write_json)
 from attrface_pipeline.storage import atomic_write_bytes, atomic_write_json
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -73,8 +82,26 @@ DATA_FINGERPRINT = "data_fingerprint"  # the config key trainers record the data
 MIN_SAMPLES_FOR_BAD_FRACTION = 20  # the bad-sample fraction is judged once this many samples were read
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint to resume from is missing, incomplete or unreadable (the message names the path)."""
+RESUME_REMEDY = "resume from another checkpoint folder (resume=<path>) or start over (resume=None, overwrite=True)"
+FILES_KEY = "files"  # trainer_state.json's record of the folder's other files: {relative path: {"bytes", "sha256"}}
+CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE, CONFIG_FILE)  # what a resumable checkpoint records
+
+
+class CheckpointError(ArtifactError, RuntimeError):
+    """A checkpoint to resume from is missing, incomplete, damaged or unreadable: one line naming the path and the
+    remedy. ``CheckpointError(message)`` or, like :class:`ArtifactError`, ``CheckpointError(path, problem,
+    remedy)``."""
+
+    def __init__(self, path_or_message: str | Path, problem: str | None = None, remedy: str = ""):
+        if problem is None:
+            self.path, self.problem, self.remedy = "", str(path_or_message), ""
+            Exception.__init__(self, str(path_or_message))
+        else:
+            super().__init__(path_or_message, problem, remedy)
+
+    @classmethod
+    def of(cls, err: ArtifactError) -> CheckpointError:
+        return err if isinstance(err, cls) else cls(err.path, err.problem, err.remedy or RESUME_REMEDY)
 
 
 class ResumeMismatchError(ValueError):
@@ -229,7 +256,7 @@ def find_resume_checkpoint(settings: TrainSettings) -> Path | None:
         return None
     if settings.resume != "latest":
         path = Path(settings.resume)
-        if not (path / STATE_FILE).is_file():
+        if not (path / STATE_FILE).exists():  # a damaged one is named by verify_checkpoint
             raise CheckpointError(f"resume={settings.resume!r}: {path} is not a checkpoint folder (no {STATE_FILE}); "
                                   f"point resume at a checkpoint-N folder, 'latest', or None to start fresh")
         return path
@@ -237,7 +264,7 @@ def find_resume_checkpoint(settings: TrainSettings) -> Path | None:
     latest = root / LATEST_FILE
     if latest.is_file():
         path = root / latest.read_text().strip()
-        if not (path / STATE_FILE).is_file():
+        if not (path / STATE_FILE).exists():  # a damaged one is named by verify_checkpoint
             raise CheckpointError(f"{latest} names {path}, which is missing or incomplete (no {STATE_FILE}); "
                                   f"set resume to another checkpoint folder, or resume=None with overwrite=True")
         return path
@@ -275,14 +302,55 @@ def config_differences(saved: dict, current: dict, *, allowed: Iterable[str] = R
     return diffs
 
 
-def _read_state(path: Path) -> dict:
+def _record_files(folder: Path) -> dict[str, dict]:
+    """{path relative to ``folder``: file_record} of every file in it but trainer_state.json (subfolders too)."""
+    return {p.relative_to(folder).as_posix(): file_record(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() != STATE_FILE}
+
+
+def verify_checkpoint(folder: str | Path, *, require: Iterable[str] = ()) -> dict:
+    """The verified ``trainer_state.json`` of a checkpoint or deliverable folder (without its integrity record),
+    after checking every file it records against its size and sha256 and that ``require`` (file names) are among
+    them. :class:`CheckpointError` (an :class:`ArtifactError`) names the damaged or missing file and the remedy."""
+    folder = Path(folder)
     try:
-        state = json.loads((path / STATE_FILE).read_text())
-        int(state["step"]), int(state["epoch"]), int(state["batches_into_epoch"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / STATE_FILE} is unreadable ({type(e).__name__}: {e}); resume from another "
-                              f"checkpoint folder (resume=<path>) or start over (resume=None, overwrite=True)") from e
+        if folder.exists() and not folder.is_dir():
+            raise CheckpointError(folder, "not a checkpoint folder (a file)", RESUME_REMEDY)
+        if not (folder / STATE_FILE).exists():
+            raise CheckpointError(folder / STATE_FILE, "missing: not a checkpoint folder, or one whose writing did "
+                                                       "not finish", RESUME_REMEDY)
+        state = read_json(folder / STATE_FILE, STATE_KIND)
+        files = state.get(FILES_KEY)
+        if not isinstance(files, dict):
+            raise CheckpointError(folder / STATE_FILE, f"the trainer state records no {FILES_KEY!r}", RESUME_REMEDY)
+        try:
+            int(state["step"]), int(state["epoch"]), int(state["batches_into_epoch"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(folder / STATE_FILE, f"the trainer state has no valid position ({type(err).__name__}"
+                                                       f": {err})", RESUME_REMEDY) from None
+        for name in require:
+            if name not in files:
+                raise CheckpointError(folder / name, "the checkpoint does not record this file (incomplete)",
+                                      RESUME_REMEDY)
+        for name, record in files.items():
+            target = folder / name
+            if Path(name).is_absolute() or ".." in Path(name).parts or not isinstance(record, dict):
+                raise CheckpointError(folder / STATE_FILE, f"the trainer state records an invalid file {name!r}",
+                                      RESUME_REMEDY)
+            verify_file(target, record, STATE_KIND)
+    except ArtifactError as err:
+        raise CheckpointError.of(err) from None
     return state
+
+
+def _read_state(path: Path) -> dict:
+    return verify_checkpoint(path, require=CHECKPOINT_FILES)
+
+
+def write_state(folder: Path, state: dict) -> None:
+    """trainer_state.json (kind ``checkpoint.state``): ``state`` and the record of every other file of ``folder``,
+    so it must be written last."""
+    write_json(folder / STATE_FILE, STATE_KIND, {**state, FILES_KEY: _record_files(folder)})
 
 
 def _versions() -> dict[str, str]:
@@ -390,10 +458,7 @@ class Trainer:
         """Trainable weights and optimizer state into place; returns this process's RNG state (set later)."""
         from safetensors.torch import load_file
 
-        for name in (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE):
-            if not (path / name).is_file():
-                raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing; resume from another "
-                                      f"checkpoint folder (resume=<path>) or start over (resume=None, overwrite=True)")
+        # fit() verified every file of the folder (_read_state -> verify_checkpoint) before this is called
         try:
             saved = load_file(path / TRAINABLE_FILE)
             opt_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
@@ -401,8 +466,7 @@ class Trainer:
             scaler = (torch.load(path / SCALER_FILE, map_location="cpu", weights_only=True)
                       if (path / SCALER_FILE).is_file() else None)
         except Exception as e:  # noqa: BLE001 - any reader error means the same thing: this checkpoint is corrupt
-            raise CheckpointError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); resume from another "
-                                  f"checkpoint folder (resume=<path>) or start over (resume=None, overwrite=True)"
+            raise CheckpointError(path, f"the checkpoint does not load ({type(e).__name__}: {e})", RESUME_REMEDY
                                   ) from e
         params = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
         missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
@@ -442,7 +506,7 @@ class Trainer:
     def _write_deliverable(self, folder: Path, model: torch.nn.Module, state: dict) -> None:
         self.save_fn(model, folder)
         atomic_write_json(folder / CONFIG_FILE, self.config)
-        atomic_write_json(folder / STATE_FILE, state)  # last: its presence marks the folder complete
+        write_state(folder, state)  # last: its presence marks the folder complete
 
     def _save_checkpoint(self, step: int, epoch: int, into: int, model: torch.nn.Module,
                          optimizer: torch.optim.Optimizer, accelerator: Any) -> Path:
@@ -684,3 +748,55 @@ class Trainer:
             row["d"] = float(group["d"])
         row["seconds"] = round(seconds, 6)
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+# The registered kind: a real checkpoint of a 1-step run of a tiny model, read back as resuming reads it.
+
+
+def _example_checkpoint(folder: Path) -> list[Path]:
+    """Train a 2->1 linear model for one step (AdamW, CPU-sized) into ``folder/run``; the checkpoint's files, its
+    trainer_state.json first."""
+    from safetensors.torch import save_file
+
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+        model.bias.zero_()
+    x = torch.arange(8.0).reshape(4, 2) / 8
+
+    def loader(epoch: int) -> Iterator[dict]:
+        yield {"x": x, "y": x.sum(1, keepdim=True), "key": ["a", "b", "c", "d"]}
+
+    def step(m: torch.nn.Module, batch: dict) -> dict:
+        return {"loss": torch.nn.functional.mse_loss(m(batch["x"]), batch["y"])}
+
+    def save(m: torch.nn.Module, out: Path) -> None:
+        (out / "weights").mkdir()
+        save_file({"weight": m.weight.detach().contiguous()}, out / "weights" / "model.safetensors")
+
+    settings = TrainSettings(output_dir=str(Path(folder) / "run"), max_steps=1, checkpoint_every=1,
+                             optimizer="adamw", lr=1e-3, resume=None)
+    with _preserved_rng(), contextlib.redirect_stderr(io.StringIO()):  # no progress bar, no shifted global RNG
+        Trainer(settings, model=model, loader_factory=loader, step_fn=step, save_fn=save,
+                config={"model": "example"}, log=lambda m: None).fit()
+    ckpt = Path(folder) / "run" / CHECKPOINTS_DIR / "checkpoint-000001"
+    return [ckpt / STATE_FILE, *(p for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != STATE_FILE)]
+
+
+def read_checkpoint(state_file: str | Path) -> dict:
+    """What resuming reads of the checkpoint holding ``state_file``: its verified state, then the trainable weights,
+    optimizer state and RNG states loaded ({"state", "trainable", "optimizer", "rng"})."""
+    from safetensors.torch import load_file
+
+    folder = Path(state_file).parent
+    state = verify_checkpoint(folder, require=CHECKPOINT_FILES)
+    try:
+        return {"state": state, "trainable": load_file(folder / TRAINABLE_FILE),
+                "optimizer": torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
+                "rng": torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True)["processes"]}
+    except Exception as e:  # noqa: BLE001 - a verified file that does not load was written damaged
+        raise CheckpointError(folder, f"the checkpoint does not load ({type(e).__name__}: {e})", RESUME_REMEDY) from e
+
+
+STATE_KIND = register(ArtifactKind(
+    "checkpoint.state", 2, "checkpoint", RESUME_REMEDY, example=_example_checkpoint, read=read_checkpoint))

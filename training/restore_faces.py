@@ -169,11 +169,15 @@ def center_face(faces: list[Face], shape: tuple[int, ...]) -> list[Face]:
     return [min(faces, key=distance)]
 
 
+MAX_UPSCALE = 8
+MAX_OUTPUT_PIXELS = 400_000_000  # an enlarged photo above this is refused (1.2 GB of RGB before encoding)
+
+
 def check_upsample(upscale: float, bg_upsampler: str) -> None:
     if bg_upsampler not in BG_UPSAMPLERS:
         raise ValueError(f"bg_upsampler must be one of {sorted(BG_UPSAMPLERS)}, not {bg_upsampler!r}")
-    if upscale < 1:
-        raise ValueError(f"upscale must be >= 1, got {upscale}")
+    if not math.isfinite(upscale) or not 1 <= upscale <= MAX_UPSCALE:
+        raise ValueError(f"upscale must be a finite number from 1 to {MAX_UPSCALE}, got {upscale}")
 
 
 def upsample(rgb: np.ndarray, upscale: float, bg_upsampler: str = "none") -> np.ndarray:
@@ -182,6 +186,10 @@ def upsample(rgb: np.ndarray, upscale: float, bg_upsampler: str = "none") -> np.
     if upscale == 1:
         return rgb
     h, w = rgb.shape[:2]
+    pixels = round(w * upscale) * round(h * upscale)
+    if pixels > MAX_OUTPUT_PIXELS:
+        raise ValueError(f"a {w}x{h} photo enlarged {upscale:g}x would have {pixels / 1e6:.0f} MP; at most "
+                         f"{MAX_OUTPUT_PIXELS / 1e6:.0f} MP: use a smaller --upscale")
     return cv2.resize(rgb, (round(w * upscale), round(h * upscale)), interpolation=BG_UPSAMPLERS[bg_upsampler])
 
 

@@ -194,3 +194,54 @@ def test_presets_from_yaml_and_unknown_names_fail_before_workers(shard_dir, tmp_
     assert b["degradation"][0]["preset"] == "mild" and b["lq"].shape == (4, 3, SIZE, SIZE)
     with pytest.raises(KeyError, match="no_such_preset"):
         make_loader(_cfg(shard_dir, preset="no_such_preset", num_workers=2))
+
+
+def test_data_fingerprint_sees_a_relabelled_shard_of_the_same_size(shard_dir, tmp_path):
+    """A shard replaced by other bytes of the same size (and the same parquet index) is other data: its content
+    hash is in the fingerprint, so resuming on it is refused."""
+    import shutil
+
+    from training.data import data_fingerprint
+
+    root = tmp_path / "attrface_shards"
+    shutil.copytree(shard_dir, root)
+    cfg = _cfg(str(root))
+    before = data_fingerprint(cfg)
+    assert set(before) == {"split", "shards"} and len(before["shards"]) == SHARDS
+    assert all({"bytes", "sha256", "index_sha256"} <= set(e) for e in before["shards"].values())
+    assert data_fingerprint(cfg) == before  # stable (and memoized)
+
+    shards = sorted((root / "train").glob("*.tar"))
+    a, b = shards[0], shards[1]
+    same_size = a.stat().st_size == b.stat().st_size
+    if same_size:  # two shards' labels swapped: each name now holds the other's samples
+        data_a, data_b = a.read_bytes(), b.read_bytes()
+        a.write_bytes(data_b)
+        b.write_bytes(data_a)
+    else:
+        data = bytearray(a.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        a.write_bytes(bytes(data))
+    after = data_fingerprint(cfg)
+    assert after["shards"][a.name]["bytes"] == before["shards"][a.name]["bytes"]
+    assert after["shards"][a.name]["index_sha256"] == before["shards"][a.name]["index_sha256"]
+    assert after["shards"][a.name]["sha256"] != before["shards"][a.name]["sha256"]
+    assert after != before
+
+
+def test_data_fingerprint_sees_one_flipped_byte(shard_dir, tmp_path):
+    import shutil
+
+    from training.data import data_fingerprint
+
+    root = tmp_path / "attrface_shards"
+    shutil.copytree(shard_dir, root)
+    cfg = _cfg(str(root))
+    before = data_fingerprint(cfg)
+    shard = sorted((root / "train").glob("*.tar"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0x01
+    shard.write_bytes(bytes(data))
+    after = data_fingerprint(cfg)
+    changed = [name for name in before["shards"] if before["shards"][name] != after["shards"][name]]
+    assert changed == [shard.name]

@@ -244,7 +244,8 @@ def test_resume_errors_name_the_checkpoint(tmp_path):
     make_trainer(out, max_steps=3, checkpoint_every=3).fit()
     ckpt = out / "checkpoints" / "checkpoint-000003"
     (ckpt / "trainable.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match=f"{ckpt}.*corrupt"):
+    with pytest.raises(CheckpointError, match=f"{ckpt}/trainable.safetensors: .*truncated or replaced.*resume from "
+                                              f"another checkpoint folder"):
         make_trainer(out).fit()
 
     (out / "checkpoints" / "latest").write_text("checkpoint-000099")
@@ -325,3 +326,117 @@ def test_set_attention_backend_cpu_noop_and_unknown_names():
 if __name__ == "__main__":  # for test_two_process_run_resumes_exactly: accelerate launch -m tests.training.test_engine
     _result = make_trainer(Path(sys.argv[1]), max_steps=int(sys.argv[2]), checkpoint_every=3).fit()
     print(f"resumed_from={_result.resumed_from} step={_result.step}")
+
+
+# Integrity: trainer_state.json records every other file of the checkpoint; resuming verifies them all.
+
+
+def _flip_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "flipped": _flip_middle,
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[:-5]),
+    "garbage": lambda p: p.write_bytes(b"\x00garbage" * 9),
+    "folder": lambda p: (p.unlink(), p.mkdir()),
+    "deleted": lambda p: p.unlink(),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pristine") / "run"
+    make_trainer(out, max_steps=3, checkpoint_every=3).fit()
+    return out
+
+
+def _copy_run(finished_run, tmp_path) -> tuple[Path, Path]:
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out, out / "checkpoints" / "checkpoint-000003"
+
+
+def test_the_state_records_every_file_of_the_checkpoint(finished_run):
+    ckpt = finished_run / "checkpoints" / "checkpoint-000003"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["_artifact"]["kind"] == "checkpoint.state"
+    assert sorted(state["files"]) == ["config.json", "head.safetensors", "optimizer.pt", "rng.pt",
+                                      "trainable.safetensors"]  # save_fn's deliverable too
+    assert state["files"]["rng.pt"]["bytes"] == (ckpt / "rng.pt").stat().st_size
+    final = json.loads((finished_run / "final" / "trainer_state.json").read_text())
+    assert sorted(final["files"]) == ["config.json", "head.safetensors"]
+    assert engine.verify_checkpoint(finished_run / "final")["step"] == 3
+
+
+@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt", "rng.pt", "config.json",
+                                  "head.safetensors"])
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_checkpoint_file_is_named(finished_run, tmp_path, name, damage):
+    out, ckpt = _copy_run(finished_run, tmp_path)
+    DAMAGES[damage](ckpt / name)
+    with pytest.raises(CheckpointError, match=rf"^{ckpt / name}: .*; resume from another checkpoint folder "
+                                              rf"\(resume=<path>\) or start over") as err:
+        make_trainer(out).fit()
+    assert "\n" not in str(err.value)
+    assert not (out / "checkpoints" / "checkpoint-000006").exists()  # nothing trained on the damaged state
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "garbage", "folder", "old format", "edited"])
+def test_a_damaged_trainer_state_is_named(finished_run, tmp_path, damage):
+    from attrface_pipeline.artifacts import ArtifactError
+
+    out, ckpt = _copy_run(finished_run, tmp_path)
+    state = ckpt / "trainer_state.json"
+    if damage == "old format":  # what earlier versions wrote: no integrity record, no file records
+        data = json.loads(state.read_text())
+        for key in ("_artifact", "files"):
+            data.pop(key)
+        state.write_text(json.dumps(data))
+    elif damage == "edited":  # a step changed by hand: valid JSON, failing its checksum
+        state.write_text(state.read_text().replace('"step": 3', '"step": 2'))
+    else:
+        DAMAGES[damage](state)
+    with pytest.raises(CheckpointError, match=rf"^{state}: .*resume from another checkpoint folder") as err:
+        make_trainer(out).fit()
+    assert isinstance(err.value, ArtifactError) and "\n" not in str(err.value)
+
+
+def test_a_deleted_trainer_state_or_a_folder_that_is_no_checkpoint(finished_run, tmp_path):
+    out, ckpt = _copy_run(finished_run, tmp_path)
+    (ckpt / "trainer_state.json").unlink()
+    with pytest.raises(CheckpointError, match=rf"latest names {ckpt}, which is missing or incomplete"):
+        make_trainer(out).fit()
+    with pytest.raises(CheckpointError, match=rf"{ckpt} is not a checkpoint folder \(no trainer_state.json\)"):
+        make_trainer(out, resume=str(ckpt)).fit()
+    with pytest.raises(CheckpointError, match=rf"{out} is not a checkpoint folder"):
+        make_trainer(tmp_path / "other", resume=str(out)).fit()
+    (out / "checkpoints" / "latest").unlink()  # the newest folder is then taken: it must be complete
+    with pytest.raises(CheckpointError, match=rf"^{ckpt / 'trainer_state.json'}: missing: not a checkpoint folder"):
+        make_trainer(out).fit()
+
+
+def test_an_intact_copy_resumes_and_later_files_are_not_checked(finished_run, tmp_path):
+    out, ckpt = _copy_run(finished_run, tmp_path)
+    (ckpt / "samples.png").write_bytes(b"a grid on_checkpoint wrote after the checkpoint was complete")
+    result = make_trainer(out, max_steps=4).fit()
+    assert (result.resumed_from, result.step) == (3, 4)
+
+
+def test_the_checkpoint_kind_reads_its_example_and_refuses_each_damaged_file(tmp_path):
+    from attrface_pipeline.artifacts import ArtifactError, all_kinds
+
+    kind = all_kinds()["checkpoint.state"]
+    files = kind.example(tmp_path / "pristine")
+    assert files[0].name == "trainer_state.json" and {p.name for p in files} >= {
+        "trainable.safetensors", "optimizer.pt", "rng.pt", "config.json", "model.safetensors"}
+    assert kind.read(files[0])["state"]["step"] == 1
+    for i, path in enumerate(files):
+        case = tmp_path / f"case{i}"
+        shutil.copytree(tmp_path / "pristine", case)
+        damaged = case / path.relative_to(tmp_path / "pristine")
+        _flip_middle(damaged)
+        with pytest.raises(ArtifactError, match=str(damaged)):
+            kind.read(case / files[0].relative_to(tmp_path / "pristine"))
