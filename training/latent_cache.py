@@ -11,7 +11,6 @@ streams and the loss stay what they would be with the encoder running. Layout an
 
 from __future__ import annotations
 
-import json
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import cv2
 import numpy as np
 import torch
 
-from training.text_cache import INDEX, META, write_entries
+from training.text_cache import CacheFolder, write_entries
 
 SIDES = ("src", "tar")
 
@@ -64,32 +63,20 @@ def build_latent_cache(encode: Callable[[torch.Tensor], torch.Tensor], shards_ro
                          log=log, what="GT latents")
 
 
-class LatentCache:
+class LatentCache(CacheFolder):
+    """Read side: the posteriors of GT faces, verified as the text cache is (``CacheFolder``)."""
+
     def __init__(self, folder: str | Path, *, resolution: int | None = None):
-        self.folder = Path(folder)
-        if not (self.folder / META).is_file():
-            raise FileNotFoundError(f"no latent cache at {self.folder} ({META} missing): materialize gt_latents "
-                                    f"(job train_a2bfr does) or set a2bfr.latent_cache: false")
-        self.meta = json.loads((self.folder / META).read_text())
+        super().__init__(folder, missing="materialize gt_latents (job train_a2bfr does) or set a2bfr.latent_cache: "
+                                         "false")
         if resolution is not None and self.meta.get("resolution") != resolution:
             raise ValueError(f"the latent cache {self.folder} holds {self.meta.get('resolution')} px faces, the run "
                              f"trains at {resolution}: materialize gt_latents for this resolution")
-        self.index: dict[str, list[str]] = json.loads((self.folder / INDEX).read_text())
-        self._handles: dict[str, object] = {}
 
     def parameters(self, ids: list[str]) -> torch.Tensor:
         """The posteriors' parameters (B, 2C, h, w) of ``ids`` (``<key>.<side>``)."""
-        from safetensors import safe_open
-
         missing = [i for i in ids if i not in self.index]
         if missing:
             raise LatentCacheMissError(f"{len(missing)} face(s) missing from the latent cache {self.folder}: "
                                        f"{', '.join(missing[:3])}; re-materialize gt_latents after publishing")
-        out = []
-        for i in ids:
-            part = self.index[i][0]
-            handle = self._handles.get(part)
-            if handle is None:
-                handle = self._handles[part] = safe_open(str(self.folder / part), framework="pt")
-            out.append(handle.get_tensor(f"{i}.posterior"))
-        return torch.stack(out)
+        return torch.stack([self.tensor(i, "posterior") for i in ids])
