@@ -184,18 +184,53 @@ def latent_cache_dir(cfg: PipelineConfig):
     """Where the gt_latents asset stores the train split's GT posteriors for models.flux's VAE at the a2bfr
     section's resolution and precision: ``<data_root>/gt_latents/<fingerprint>``."""
     a = cfg.a2bfr
-    return _cache_dir(cfg, LATENT_DIR, cfg.models.flux, a.resolution, a.mixed_precision)
+    return _cache_dir(cfg, LATENT_DIR, cfg.models.flux, a.resolution, a.mixed_precision, parts=LATENT_PARTS)
 
 
-def _cache_dir(cfg: PipelineConfig, root: str, spec: str, size: int, mixed_precision: str, prefix: str = ""):
-    """``<data_root>/<root>/<prefix><fingerprint>``: the fingerprint of the model spec, the size (tokens or pixels)
-    and the frozen weights' dtype under ``mixed_precision`` -- what a cache's entries depend on."""
+# The subfolders of a diffusers model folder whose files each cache's entries are computed from.
+LATENT_PARTS = ("vae",)
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+ROBOFACE_TEXT_PARTS = ("text_encoder", "tokenizer")
+
+
+def weights_fingerprint(spec: str, parts: tuple[str, ...]) -> str | None:
+    """A content fingerprint of the weight files a cache depends on, for a local model path (absolute, ``./`` or
+    ``~``): the sha256 of every file under the ``parts`` subfolders it has (the whole path when it has none of
+    them, e.g. a single-file checkpoint), with the names of the parts found. So a text encoder replaced in place
+    gets a new cache folder instead of stale entries.
+
+    None for the specs whose name already pins their content, and then the spec alone names the cache (as
+    before): a hub spec (``org/name@revision``; the hub's files are content-addressed -- pin a revision, or an
+    unpinned spec's cache is reused when ``main`` moves), a tiny-zoo spec (its zoo version), and a local path that
+    does not exist (nothing can be encoded with it). Nothing is downloaded or generated here.
+
+    Cost: the weights are read once per process (``artifacts.content_fingerprint`` memoizes each file's hash by
+    path, size, times and inode), e.g. ~10 GB for FLUX's two text encoders: tens of seconds on the first call."""
+    from pathlib import Path
+
+    from attrface_pipeline.artifacts import content_fingerprint
+
+    local = Path(spec).expanduser()
+    if not (local.is_absolute() or spec.startswith((".", "~"))) or not local.exists():
+        return None
+    found = [name for name in parts if (local / name).exists()] if local.is_dir() else []
+    content = content_fingerprint([local / name for name in found] if found else [local])
+    return hashlib.sha256(json.dumps([found, content]).encode()).hexdigest()
+
+
+def _cache_dir(cfg: PipelineConfig, root: str, spec: str, size: int, mixed_precision: str, prefix: str = "", *,
+               parts: tuple[str, ...] = ()):
+    """``<data_root>/<root>/<prefix><fingerprint>``: the fingerprint of the model spec, the content of the weight
+    files the entries are computed with (``parts`` of a local model folder: :func:`weights_fingerprint`), the size
+    (tokens or pixels) and the frozen weights' dtype under ``mixed_precision`` -- what a cache's entries depend
+    on."""
     from attrface_pipeline.models.store import model_fingerprint
     from training.roboface.train import weight_dtype
     from training.text_cache import cache_fingerprint
 
-    return cfg.paths.data_root / root / (prefix + cache_fingerprint(model_fingerprint(spec), size,
-                                                                    weight_dtype(mixed_precision)))
+    name = cache_fingerprint(model_fingerprint(spec), size, weight_dtype(mixed_precision),
+                             weights_fingerprint(spec, parts))
+    return cfg.paths.data_root / root / (prefix + name)
 
 
 def build_gt_latents(cfg: PipelineConfig, log=print) -> dict:
@@ -266,7 +301,7 @@ def text_cache_dir(cfg: PipelineConfig):
     """Where the text_embeddings asset stores the prompts' embeddings for ``models.flux`` at the a2bfr section's
     token count and precision: ``<data_root>/text_embeddings/<encoder fingerprint>``."""
     a = cfg.a2bfr
-    return _cache_dir(cfg, TEXT_DIR, cfg.models.flux, a.max_sequence_length, a.mixed_precision)
+    return _cache_dir(cfg, TEXT_DIR, cfg.models.flux, a.max_sequence_length, a.mixed_precision, parts=TEXT_PARTS)
 
 
 def _run_hash(meaning: dict) -> str:
@@ -277,9 +312,19 @@ _DCA_FIELDS = {"order": "dca_order", "explicit": "explicit", "implicit": "implic
 
 
 def experiment_config(cfg: PipelineConfig, experiment) -> PipelineConfig:
-    """``cfg`` with an experiment's overrides applied to its model's section (training/experiments.py)."""
+    """``cfg`` with an experiment's overrides applied to its model's section (training/experiments.py). Overrides
+    the section refuses raise ``training.experiments.ExperimentError``, one line each naming the experiment."""
+    from pydantic import ValidationError
+
     section = getattr(cfg, experiment.model)
-    merged = type(section).model_validate({**section.model_dump(), **experiment.overrides})
+    try:
+        merged = type(section).model_validate({**section.model_dump(), **experiment.overrides})
+    except ValidationError as err:
+        from attrface_pipeline.config import validation_lines
+        from training.experiments import ExperimentError
+
+        where = f"{experiment.source or 'experiment'}: {experiment.model}.{experiment.name}"
+        raise ExperimentError(validation_lines(err, "overrides.", where=where, model=type(section))) from None
     return cfg.model_copy(update={experiment.model: merged})
 
 
@@ -402,7 +447,8 @@ def roboface_train_config(cfg: PipelineConfig, *, shards: str, stage: str, capti
 def roboface_text_cache_dir(cfg: PipelineConfig):
     """Where RoboFace's text-encoder states of the prompts and captions are cached: ``<data_root>/text_embeddings/
     sd2-<fingerprint>`` (one folder for every captioner: entries are keyed by their text)."""
-    return _cache_dir(cfg, TEXT_DIR, cfg.models.sd2_controlnet, 77, cfg.roboface.mixed_precision, prefix="sd2-")
+    return _cache_dir(cfg, TEXT_DIR, cfg.models.sd2_controlnet, 77, cfg.roboface.mixed_precision, prefix="sd2-",
+                      parts=ROBOFACE_TEXT_PARTS)
 
 
 def build_roboface_text_embeddings(cfg: PipelineConfig, captions: str | None = None, log=print) -> dict:

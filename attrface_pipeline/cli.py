@@ -87,8 +87,12 @@ def _run_job(name: str, profile: Optional[str], files: Optional[list[str]]) -> f
     import os
     import time
 
-    from attrface_pipeline.config import HOME
+    from attrface_pipeline.config import HOME, ConfigError, check_home
 
+    try:
+        check_home()
+    except ConfigError as err:
+        _usage(str(err.problems[0]) if err.problems else str(err))
     if "DAGSTER_HOME" not in os.environ:  # the project's instance settings (pools, run limits, telemetry off)
         _prepare_instance(HOME / "dagster_home")
     typer.echo(f"running {name} (Dagster instance {os.environ['DAGSTER_HOME']})", err=True)
@@ -178,21 +182,27 @@ def _experiment_cfg(model: str, profile: Optional[str], files: Optional[list[str
     from attrface_pipeline.builders import experiment_config
     from training.experiments import ExperimentError, load_experiments
 
+    from pydantic import ValidationError
+
+    from attrface_pipeline.config import validation_lines
+
     cfg = _config_or_exit(profile, files)
     name = experiment or cfg.experiments.default[model]
     try:
         defined = load_experiments(cfg.experiments.files)[model]
+        if name not in defined:
+            _usage(f"--experiment {name!r} is not a {model} experiment; defined: {', '.join(defined)}")
+        cfg = experiment_config(cfg, defined[name])
     except ExperimentError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-    if name not in defined:
-        typer.echo(f"error: --experiment {name!r} is not a {model} experiment; defined: {', '.join(defined)}",
-                   err=True)
-        raise typer.Exit(2)
-    cfg = experiment_config(cfg, defined[name])
+        _usage(str(err))
     section = getattr(cfg, model)
     changed = {k: v for k, v in overrides.items() if v is not None}
-    return cfg.model_copy(update={model: type(section).model_validate({**section.model_dump(), **changed})}), name
+    try:  # each value passed its key's domain; together with the experiment's they may still clash
+        merged = type(section).model_validate({**section.model_dump(), **changed})
+    except ValidationError as err:
+        _usage("; ".join(validation_lines(err, f"{model}.", model=type(section),
+                                          labels={k: f"--{k.replace('_', '-')}" for k in changed})))
+    return cfg.model_copy(update={model: merged}), name
 
 
 def _launch(module: str, train_cfg, output_dir: Path, processes: int, mixed_precision: str,
@@ -357,8 +367,8 @@ def _config_or_exit(profile: Optional[str], files: Optional[list[str]] = None):
 
     try:
         return load_config(profile, files)
-    except (ConfigError, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
+    except ConfigError as err:
+        typer.echo("error: " + "\n  ".join(err.problems) if len(err.problems) == 1 else f"error: {err}", err=True)
         raise typer.Exit(2) from None
 
 

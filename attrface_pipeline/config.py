@@ -42,7 +42,8 @@ ENV_PROFILE = "ATTRFACE_PROFILE"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float setting is a finite number (YAML's .inf / .nan are refused where they load)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class PathsConfig(_Strict):
@@ -192,12 +193,12 @@ class EditConfig(_Strict):
     resolution: int = Field(128, ge=16, description="edit resolution (px, multiple of 16); crops are resized to it")
     # steps .. beta_schedule are FlowEditParams' fields (built from this section by builders.flowedit_params) and
     # are checked once, by check_flowedit_schedule.
-    steps: int = Field(10, description="T: scheduler steps (at least 1)")
-    n_max: int = Field(7, description="FlowEdit runs on the last n_max steps (skips the noisiest); 0..steps")
-    n_min: int = Field(0, description="the last n_min steps are plain sampling with the target prompt")
-    n_avg: int = Field(1, description="noise draws averaged per step (at least 1)")
-    src_guidance: float = 3.5
-    tar_guidance: float = 13.5
+    steps: int = Field(10, ge=1, description="T: scheduler steps (at least 1)")
+    n_max: int = Field(7, ge=0, description="FlowEdit runs on the last n_max steps (skips the noisiest); 0..steps")
+    n_min: int = Field(0, ge=0, description="the last n_min steps are plain sampling with the target prompt")
+    n_avg: int = Field(1, ge=1, description="noise draws averaged per step (at least 1)")
+    src_guidance: float = Field(3.5, ge=0, description="classifier-free guidance scale of the source prompt")
+    tar_guidance: float = Field(13.5, ge=0, description="classifier-free guidance scale of the target prompt")
     negative_prompt: str = ""
     beta: float = Field(0.0, description="noise blending: target velocity at (1-b) z_tar + b z_src; in [0, 1]")
     beta_schedule: list[float] | None = Field(None, description="per-step beta (length == steps); overrides beta")
@@ -319,7 +320,7 @@ class A2BFRConfig(_Strict):
     lq_from: Literal["src", "tar", "random"] = Field(
         "src", description="which face of a pair is trained on in single mode and degraded into the LQ (src: the "
         "real photos only; random: both faces of every pair)")
-    resolution: int = Field(64, ge=16, description="square training size (multiple of 16)")
+    resolution: int = Field(64, ge=16, multiple_of=16, description="square training size (multiple of 16)")
     max_steps: int = Field(20, ge=1)
     batch_size: int = Field(2, ge=1, description="per process")
     lr: float = Field(1.0, gt=0, description="Prodigy's multiplier (1.0 = its own estimate)")
@@ -332,9 +333,9 @@ class A2BFRConfig(_Strict):
     sdt_margin: float = Field(0.3, ge=0, le=1, description="m: dual-training hinge margin")
     sdt_weight: float = Field(0.1, ge=0, description="alpha: dual-training loss weight")
     lora_rank: int = Field(4, ge=1)
-    lora_alpha: float = 4.0
+    lora_alpha: float = Field(4.0, gt=0, description="LoRA scale numerator (the update is scaled by alpha / rank)")
     condition_attends: Literal["all", "self"] = "all"
-    max_sequence_length: int = Field(32, ge=8, description="T5 tokens")
+    max_sequence_length: int = Field(32, ge=8, le=512, description="T5 tokens")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = True
     checkpoint_every: int = Field(10, ge=1)
@@ -359,7 +360,7 @@ class RoboFaceSection(_Strict):
     published: defaults, recorded with every checkpoint.
     """
 
-    resolution: int = Field(64, ge=16, description="square training size (multiple of 8)")
+    resolution: int = Field(64, ge=16, multiple_of=8, description="square training size (multiple of 8)")
     num_tokens: int = Field(30, ge=1, description="N implicit tokens")
     dca_mode: Literal["sequential", "parallel"] = "sequential"
     dca_order: Literal["text_first", "implicit_first"] = Field(
@@ -593,6 +594,117 @@ class ConfigError(ValueError):
         super().__init__("invalid AttrFace configuration:\n" + "\n".join(f"  {p}" for p in self.problems))
 
 
+class YAMLFileError(ValueError):
+    """A YAML file that cannot be read: one line naming the file (and the line, where there is one)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last one silently).
+    Keys brought in by a merge (``<<: *anchor``) may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+            if first != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first + 1}); each key may appear once",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    if isinstance(err, yaml.MarkedYAMLError) and mark is not None and err.problem:
+        context = f" ({err.context})" if err.context else ""
+        return f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}{context}"
+    return " ".join(str(err).split())
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The data of one UTF-8 YAML file (None when empty); duplicate keys are refused (:class:`UniqueKeyLoader`).
+    Raises :class:`YAMLFileError` with one line naming the file and what is wrong: missing, a folder, unreadable,
+    not UTF-8, not YAML."""
+    path = Path(path)
+    if path.is_dir():
+        raise YAMLFileError(f"{path}: is a folder, not a YAML file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise YAMLFileError(f"{path}: does not exist") from None
+    except OSError as err:
+        raise YAMLFileError(f"{path}: cannot be read ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise YAMLFileError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); save the file "
+                            f"as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise YAMLFileError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
+
+
+def _message(error: dict[str, Any]) -> str:
+    msg = str(error["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    return " ".join(msg.split())
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _has_value(error: dict[str, Any]) -> bool:
+    """Whether the error is about one given value (not a whole section, nor a missing key)."""
+    return error["type"] != "missing" and not isinstance(error.get("input"), dict)
+
+
+def _fields_of(model: Any, loc: Sequence[str]) -> dict[str, Any]:
+    """Field names of the (nested) pydantic model at ``loc`` below ``model`` (for 'did you mean' hints)."""
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = getattr(field, "annotation", None)
+        if model is None:
+            return {}
+    return getattr(model, "model_fields", {})
+
+
+def validation_lines(err: ValidationError, prefix: str = "", *, where: str = "", model: Any = None,
+                     labels: dict[str, str] | None = None) -> list[str]:
+    """One line per error of a pydantic ``ValidationError``: ``[<where>: ]<prefix><key> = <value!r>: <message>``.
+
+    ``prefix`` goes before each dotted key (``"a2bfr."``, ``"overrides."``); ``labels`` renames a key (e.g.
+    ``{"batch_size": "--batch-size"}`` for a command-line option; the prefix is then not added). ``model``: the
+    validated class, for 'did you mean' hints on unknown keys. A whole-model error (a check across fields) is
+    ``[<where>: ]<prefix without its dot>: <message>``."""
+    labels = labels or {}
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc)
+        label = labels.get(key) or (f"{prefix}{key}" if key else prefix.rstrip(".:"))
+        if e["type"] == "extra_forbidden":
+            known = sorted(_fields_of(model, loc[:-1])) if model is not None else []
+            close = difflib.get_close_matches(loc[-1], known, n=1) if loc else []
+            text = f"{label}: unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
+        elif loc and _has_value(e):
+            text = f"{label} = {_shown(e.get('input'))}: {_message(e)}"
+        else:
+            text = f"{label}: {_message(e)}" if label else _message(e)
+        lines.append(f"{where}: {text}" if where else text)
+    return lines
+
+
 # Keys Dagster itself accepts at the top of run config; only ``resources.attrface.config`` is ours.
 _RUN_CONFIG_KEYS = ("resources", "execution", "loggers", "ops")
 _RESOURCE_CONFIG_KEYS = ("profile", "config_files", "settings")
@@ -614,7 +726,7 @@ def _mapping(value: Any, origin: str, key: str) -> dict[str, Any]:
 
 def _run_config_layers(data: dict[str, Any], origin: str) -> list[tuple[str, dict[str, Any]]]:
     """The settings layers of Dagster run config: strict about our wrapper keys, so a typo is never ignored."""
-    problems = [_unknown(origin, k, _RUN_CONFIG_KEYS) for k in data if k not in _RUN_CONFIG_KEYS]
+    problems = [_unknown(origin, str(k), _RUN_CONFIG_KEYS) for k in data if k not in _RUN_CONFIG_KEYS]
     resources = _mapping(data.get("resources"), origin, "resources")
     problems += [_unknown(origin, f"resources.{k}", ["attrface"]) for k in resources if k != "attrface"]
     attrface = _mapping(resources.get("attrface"), origin, "resources.attrface")
@@ -622,31 +734,54 @@ def _run_config_layers(data: dict[str, Any], origin: str) -> list[tuple[str, dic
     resource = _mapping(attrface.get("config"), origin, "resources.attrface.config")
     problems += [_unknown(origin, f"resources.attrface.config.{k}", _RESOURCE_CONFIG_KEYS)
                  for k in resource if k not in _RESOURCE_CONFIG_KEYS]
+    config_files = resource.get("config_files") or []
+    if isinstance(config_files, str):
+        config_files = [config_files]
+    if not isinstance(config_files, list) or not all(isinstance(f, str) for f in config_files):
+        problems.append(f"{origin}: resources.attrface.config.config_files: must be a list of YAML paths, got "
+                        f"{_shown(config_files)}")
+        config_files = []
     if problems:
         raise ConfigError(problems)
-    layers = [layer for f in resource.get("config_files") or [] for layer in _file_layers(f)]
+    layers = _files_layers(config_files, named_by=f"{origin}: resources.attrface.config.config_files")
     settings = dict(_mapping(resource.get("settings"), origin, "resources.attrface.config.settings"))
     if resource.get("profile"):
         settings.setdefault("profile", resource["profile"])
     return layers + [(origin, settings)]
 
 
-def _file_layers(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+def _file_layers(path: str | Path, named_by: str = f"-c or {ENV_CONFIG}") -> list[tuple[str, dict[str, Any]]]:
     path = Path(path)
     if not path.exists() and not path.is_absolute() and path.parts[:1] == ("configs",) \
             and (CONFIGS_DIR / path.relative_to("configs")).is_file():
         path = CONFIGS_DIR / path.relative_to("configs")  # `-c configs/full.yaml` outside a checkout: the shipped one
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path} does not exist (from {ENV_CONFIG} or -c)") from None
-    except yaml.YAMLError as err:
-        raise ConfigError([f"{path}: not valid YAML: {' '.join(str(err).split())}"]) from None
+        data = read_yaml(path)
+    except YAMLFileError as err:
+        hint = f" (a config file, from {named_by})" if not path.is_file() else ""
+        raise ConfigError([f"{err}{hint}"]) from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError([f"{path}: must hold a mapping, got {type(data).__name__}"])
+        raise ConfigError([f"{path}: must hold a mapping of settings (section: {{key: value}}) or Dagster run config, "
+                           f"got a {type(data).__name__}"])
     if "resources" in data:  # Dagster run config (``-c`` file): the settings sit under resources.attrface.config
         return _run_config_layers(data, str(path))
     return [(str(path), data)]
+
+
+def _files_layers(files: Sequence[str | Path], **kw: str) -> list[tuple[str, dict[str, Any]]]:
+    """The layers of every file in order; the problems of all of them in one :class:`ConfigError`."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    problems: list[str] = []
+    for f in files:
+        try:
+            layers += _file_layers(f, **kw)
+        except ConfigError as err:
+            problems += err.problems
+    if problems:
+        raise ConfigError(problems)
+    return layers
 
 
 def read_settings_file(path: str | Path) -> dict[str, Any]:
@@ -673,29 +808,43 @@ def _origin_of(loc: tuple, layers: list[tuple[str, dict[str, Any]]]) -> str:
     return "profile defaults"
 
 
-def _fields_at(loc: tuple) -> dict[str, Any]:
-    """Field names of the config model at ``loc`` (for 'did you mean' hints)."""
-    model: Any = PipelineConfig
-    for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
-        model = getattr(field, "annotation", None)
-        if model is None:
-            return {}
-    return getattr(model, "model_fields", {})
-
-
 def _config_problems(err: ValidationError, layers: list[tuple[str, dict[str, Any]]]) -> list[str]:
     problems = []
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
         key, origin = ".".join(loc) or "(top level)", _origin_of(loc, layers)
         if e["type"] == "extra_forbidden":
-            problems.append(_unknown(origin, key, _fields_at(loc[:-1])))
+            problems.append(_unknown(origin, key, _fields_of(PipelineConfig, loc[:-1])))
         else:
-            msg = e["msg"].removeprefix("Value error, ")
-            shown = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
-            problems.append(f"{origin}: {key}: {msg}{shown}")
+            shown = f" (got {_shown(e.get('input'))})" if _has_value(e) else ""
+            problems.append(f"{origin}: {key}: {_message(e)}{shown}")
     return problems
+
+
+def check_home(home: str | Path | None = None) -> Path:
+    """The working folder (``$ATTRFACE_HOME``), checked before anything is written there: it must be a folder this
+    process can write to, or one it can create. ``home`` None: ``$ATTRFACE_HOME`` when set (else :data:`HOME`, the
+    checkout or the current directory, is returned unchecked). Raises :class:`ConfigError` naming ATTRFACE_HOME."""
+    value = str(home) if home is not None else os.environ.get(ENV_HOME)
+    if not value:
+        return HOME
+    path = Path(value).expanduser()
+    where = f"{ENV_HOME}={value}"
+    need = "AttrFace writes data/ and dagster_home/ there; set it to a folder you can write to"
+    if path.exists() and not path.is_dir():
+        raise ConfigError([f"{where}: is a file, not a folder; {need}"])
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError([f"{where}: the folder is read-only for this user; {need}"])
+        return path.resolve()
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError([f"{where}: does not exist and cannot be made ({parent} is a file); {need}"])
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError([f"{where}: does not exist and cannot be made ({parent} is read-only); {need}"])
+    return path.resolve()
 
 
 def load_config(
@@ -707,19 +856,21 @@ def load_config(
 
     With no arguments, ``$ATTRFACE_CONFIG`` (a YAML path, or several joined by ``os.pathsep``) and
     ``$ATTRFACE_PROFILE`` are read, so the Dagster code location and the CLI agree on one configuration.
-    Raises :class:`ConfigError` with one line per problem, naming the file (or layer) and the key.
+    Raises :class:`ConfigError` with one line per problem, naming the file (or layer) and the key: files that are
+    missing, folders, not UTF-8, not YAML or not a mapping, invalid values, and an unusable ``$ATTRFACE_HOME``.
     """
+    check_home()
     if files is None:
         env = os.environ.get(ENV_CONFIG, "")
         files = [f for f in env.split(os.pathsep) if f]
-    layers = [layer for f in files for layer in _file_layers(f)]
+    layers = _files_layers(files)
     if overrides:
         layers.append(("run config (resources.attrface.config.settings)", overrides))
     layered: dict[str, Any] = {}
     for _, layer in layers:
         layered = deep_merge(layered, layer)
     chosen = profile or layered.get("profile") or os.environ.get(ENV_PROFILE) or "offline"
-    if chosen not in PROFILES:
+    if not isinstance(chosen, str) or chosen not in PROFILES:
         origin = "profile argument" if profile else _origin_of(("profile",), layers)
         raise ConfigError([f"{origin}: profile: unknown profile {chosen!r}; "
                            f"choose one of {PROFILES}"])

@@ -21,11 +21,23 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from attrface_pipeline.config import CONFIGS_DIR, A2BFRConfig, RoboFaceSection, YAMLFileError, read_yaml, \
+    validation_lines
 
 MODELS = ("a2bfr", "roboface")
 INVALID_NAME_CHARACTERS = set("|,[]/ \t\n")  # Dagster partition keys and run-folder names
+BODY_FIELDS = ("description", "overrides", "tables")
+NOT_OVERRIDABLE = ("output_dir", "num_processes")  # where and how wide a run goes is not part of an experiment
+# The papers' tables an experiment may be a row of, and whose experiments their rows are. training.eval.paper's
+# PAPER_TABLES lays each one out; this plain list lets a file be checked without importing the evaluation code.
+PAPER_TABLE_MODELS: dict[str, str] = {
+    "a2bfr_tab2": "a2bfr", "a2bfr_tab3": "a2bfr", "a2bfr_tab4": "a2bfr", "a2bfr_tab5": "a2bfr",
+    "roboface_tab2": "roboface", "roboface_tab3": "roboface", "roboface_tab5": "roboface", "roboface_tab6": "roboface",
+    "roboface_tab7": "roboface", "roboface_tab8": "roboface", "roboface_tab9": "roboface",
+}
+SECTIONS: dict[str, type[BaseModel]] = {"a2bfr": A2BFRConfig, "roboface": RoboFaceSection}
 
 
 class Experiment(BaseModel):
@@ -46,69 +58,142 @@ class Experiment(BaseModel):
 class ExperimentError(ValueError):
     """An experiments file that cannot be used: one line per problem, naming the file, the experiment and the key."""
 
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        text = self.problems[0] if len(self.problems) == 1 else "invalid experiments:\n" + "\n".join(
+            f"  {p}" for p in self.problems)
+        super().__init__(text)
 
-def _section_fields(model: str) -> set[str]:
-    from attrface_pipeline.config import A2BFRConfig, RoboFaceSection
 
-    return set((A2BFRConfig if model == "a2bfr" else RoboFaceSection).model_fields)
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "text"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _tables_of(model: str) -> list[str]:
+    return [t for t, m in PAPER_TABLE_MODELS.items() if m == model]
+
+
+def override_problems(model: str, overrides: dict[Any, Any], where: str) -> list[str]:
+    """Every problem of an experiment's overrides, one line each naming ``where`` and the key: keys that are not
+    settings of the model's section (with the closest one), keys an experiment may not set, and values the setting
+    itself would refuse (the overrides applied to the section's defaults, validated like a config file's)."""
+    section = SECTIONS[model]
+    fields = sorted(section.model_fields)
+    problems = []
+    for key in overrides:
+        if not isinstance(key, str) or key not in section.model_fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{where}: overrides.{key}: not a key of the {model} section{hint}")
+        elif key in NOT_OVERRIDABLE:
+            problems.append(f"{where}: overrides.{key}: an experiment may not set it (where and how wide a run goes "
+                            f"is not part of an experiment; set {model}.{key} in the config)")
+    known = {k: v for k, v in overrides.items() if isinstance(k, str) and k in section.model_fields}
+    try:
+        section.model_validate(known)
+    except ValidationError as err:
+        problems += validation_lines(err, "overrides.", where=where, model=section)
+    return problems
+
+
+def _experiment(path: Path, model: str, name: Any, body: Any) -> tuple[Experiment | None, list[str]]:
+    if isinstance(name, int) and not isinstance(name, bool):
+        name = str(name)  # `2024:` names experiment "2024"
+    where = f"{path}: {model}.{name}"
+    if not isinstance(name, str) or not name or set(name) & INVALID_NAME_CHARACTERS:
+        return None, [f"{where}: names may not contain spaces or any of | , [ ] / (and must be text)"]
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        return None, [f"{where}: must be a mapping ({', '.join(BODY_FIELDS)}), got {_kind(body)}"]
+    problems = []
+    unknown = [str(k) for k in body if k not in BODY_FIELDS]
+    if unknown:
+        problems.append(f"{where}: unknown field(s) {unknown}; use {', '.join(BODY_FIELDS)}")
+    description = body.get("description")
+    if description is not None and not isinstance(description, str):
+        problems.append(f"{where}: description: must be text, got {_kind(description)}")
+    overrides = body.get("overrides")
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, dict):
+        problems.append(f"{where}: overrides: must be a mapping of {model} setting -> value, got {_kind(overrides)}")
+    else:
+        problems += override_problems(model, overrides, where)
+    tables = body.get("tables")
+    if tables is None:
+        tables = []
+    allowed = ", ".join(_tables_of(model))
+    if not isinstance(tables, list):
+        problems.append(f"{where}: tables: must be a list of paper table names (e.g. [{_tables_of(model)[0]}]), got "
+                        f"{_kind(tables)}")
+    else:
+        for table in tables:
+            if table not in PAPER_TABLE_MODELS:
+                close = difflib.get_close_matches(str(table), list(PAPER_TABLE_MODELS), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{where}: tables: {table!r} is not a paper table{hint}; {model} tables: {allowed}")
+            elif PAPER_TABLE_MODELS[table] != model:
+                problems.append(f"{where}: tables: {table!r} is a {PAPER_TABLE_MODELS[table]} table; {model} "
+                                f"tables: {allowed}")
+    if problems:
+        return None, problems
+    return Experiment(name=name, model=model, description=description or "", overrides=dict(overrides),
+                      tables=tuple(dict.fromkeys(tables)), source=str(path)), []
 
 
 def read_experiments(path: str | Path) -> dict[str, dict[str, Experiment]]:
-    """The experiments of one YAML file, by model then name; :class:`ExperimentError` lists every problem."""
+    """The experiments of one YAML file, by model then name; :class:`ExperimentError` lists every problem, one line
+    each naming the file, the experiment and the key: an unreadable file, a wrong shape, a name given twice,
+    unknown keys or tables, and override values their setting refuses."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ExperimentError(f"experiments file {path} does not exist (experiments.files)") from None
-    except yaml.YAMLError as err:
-        raise ExperimentError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        data = read_yaml(path)
+    except YAMLFileError as err:
+        hint = " (an experiments file, from experiments.files)" if not path.is_file() else ""
+        raise ExperimentError(f"{err}{hint}") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ExperimentError(f"{path}: must hold a mapping of model -> experiments, got {type(data).__name__}")
+        raise ExperimentError(f"{path}: must hold a mapping of model -> experiments ({' / '.join(MODELS)}), got "
+                              f"{_kind(data)}")
     problems: list[str] = []
     out: dict[str, dict[str, Experiment]] = {}
     for model, entries in data.items():
         if model not in MODELS:
             problems.append(f"{path}: {model}: unknown model; experiments are listed under {' or '.join(MODELS)}")
             continue
-        fields = _section_fields(model)
-        for name, body in (entries or {}).items():
-            name = str(name)
-            where = f"{path}: {model}.{name}"
-            if not name or set(name) & INVALID_NAME_CHARACTERS:
-                problems.append(f"{where}: names may not contain spaces or any of | , [ ] /")
-                continue
-            body = body or {}
-            if not isinstance(body, dict):
-                problems.append(f"{where}: must be a mapping (description, overrides, tables)")
-                continue
-            unknown = set(body) - {"description", "overrides", "tables"}
-            if unknown:
-                problems.append(f"{where}: unknown field(s) {sorted(unknown)}; use description, overrides, tables")
-            overrides = body.get("overrides") or {}
-            for key in overrides:
-                if key not in fields:
-                    close = difflib.get_close_matches(key, sorted(fields), n=1)
-                    hint = f"; did you mean {close[0]!r}?" if close else ""
-                    problems.append(f"{where}: overrides.{key}: not a key of the {model} section{hint}")
-            if key_clash := {"output_dir", "num_processes"} & set(overrides):
-                problems.append(f"{where}: overrides may not set {sorted(key_clash)} (where and how wide a run goes "
-                                f"is not part of an experiment)")
-            out.setdefault(model, {})[name] = Experiment(
-                name=name, model=model, description=str(body.get("description") or ""), overrides=dict(overrides),
-                tables=tuple(body.get("tables") or ()), source=str(path))
+        if entries is None:
+            continue
+        if not isinstance(entries, dict):
+            problems.append(f"{path}: {model}: must be a mapping of experiment name -> experiment, got "
+                            f"{_kind(entries)}")
+            continue
+        for name, body in entries.items():
+            experiment, found = _experiment(path, model, name, body)
+            problems += found
+            if experiment is not None:
+                out.setdefault(model, {})[name] = experiment
     if problems:
-        raise ExperimentError("invalid experiments:\n" + "\n".join(f"  {p}" for p in problems))
+        raise ExperimentError(problems)
     return out
 
 
 def load_experiments(files: list[str | Path]) -> dict[str, dict[str, Experiment]]:
-    """The shipped experiments, then each file's (a name defined again replaces the earlier one)."""
-    from attrface_pipeline.config import CONFIGS_DIR
-
+    """The shipped experiments, then each file's (a name defined again replaces the earlier one). The problems of
+    every file are raised together, as one :class:`ExperimentError`."""
     merged: dict[str, dict[str, Experiment]] = {m: {} for m in MODELS}
+    problems: list[str] = []
     for path in [CONFIGS_DIR / "experiments.yaml", *files]:
-        for model, entries in read_experiments(path).items():
+        try:
+            found = read_experiments(path)
+        except ExperimentError as err:
+            problems += err.problems
+            continue
+        for model, entries in found.items():
             merged[model].update(entries)
+    if problems:
+        raise ExperimentError(problems)
     return merged
 
 

@@ -7,7 +7,7 @@ import pytest
 from attrface_pipeline.builders import experiment_config, experiment_run_dir, roboface_train_config
 from attrface_pipeline.config import load_config
 from training.eval.paper import PAPER_TABLES, ExperimentResult, paper_tables
-from training.experiments import ExperimentError, load_experiments, read_experiments, select
+from training.experiments import PAPER_TABLE_MODELS, ExperimentError, load_experiments, read_experiments, select
 
 SHARDS = "/data/attrface_shards"
 
@@ -39,6 +39,86 @@ def test_a_typo_names_the_file_the_experiment_and_the_key(tmp_path):
     with pytest.raises(ExperimentError, match="not defined; defined: full, baseline"):
         select(load_experiments([]), "a2bfr", ["full", "nope"])
 
+
+
+def test_the_table_names_are_the_papers_tables():
+    """training/experiments.py checks ``tables`` without importing the evaluation code: the same names."""
+    assert PAPER_TABLE_MODELS == {t.id: t.model for t in PAPER_TABLES}
+
+
+def _problems(path) -> list[str]:
+    with pytest.raises(ExperimentError) as err:
+        read_experiments(path)
+    assert all("\n" not in p and p.startswith(str(path)) for p in err.value.problems)
+    return err.value.problems
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("- a2bfr\n- roboface\n", "must hold a mapping of model -> experiments (a2bfr / roboface), got a list"),
+    ("a2bfr: [full, wide]\n", "a2bfr: must be a mapping of experiment name -> experiment, got a list"),
+    ("a2bfr:\n  wide: [sdt_margin]\n", "a2bfr.wide: must be a mapping (description, overrides, tables), got a list"),
+    ("a2bfr:\n  wide: {overrides: [sdt_margin, 0.5]}\n",
+     "a2bfr.wide: overrides: must be a mapping of a2bfr setting -> value, got a list"),
+    ("a2bfr:\n  wide: {tables: {a2bfr_tab4: 1}}\n",
+     "a2bfr.wide: tables: must be a list of paper table names (e.g. [a2bfr_tab2]), got a mapping"),
+    ("a2bfr:\n  wide: {tables: a2bfr_tab4}\n",
+     "a2bfr.wide: tables: must be a list of paper table names (e.g. [a2bfr_tab2]), got text"),
+    ("a2bfr:\n  wide: {description: [a, b]}\n", "a2bfr.wide: description: must be text, got a list"),
+    ("a2bfr:\n  wide: {tables: [a2bfr_tab9]}\n", "a2bfr.wide: tables: 'a2bfr_tab9' is not a paper table (did you "
+     "mean 'a2bfr_tab5'?); a2bfr tables: a2bfr_tab2, a2bfr_tab3, a2bfr_tab4, a2bfr_tab5"),
+    ("a2bfr:\n  wide: {tables: [roboface_tab5]}\n", "a2bfr.wide: tables: 'roboface_tab5' is a roboface table; a2bfr "
+     "tables: a2bfr_tab2, a2bfr_tab3, a2bfr_tab4, a2bfr_tab5"),
+    ("a2bfr:\n  wide: {}\n  narrow: {}\n  wide: {description: again}\n",
+     "not valid YAML: line 4, column 3: duplicate key 'wide' (first given on line 2); each key may appear once"),
+    ("a2bfr:\n  wide: {overrides: {output_dir: /x}}\n", "a2bfr.wide: overrides.output_dir: an experiment may not "
+     "set it (where and how wide a run goes is not part of an experiment; set a2bfr.output_dir in the config)"),
+])
+def test_a_wrong_shape_is_one_line_naming_the_file_and_the_experiment(tmp_path, text, expected):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    assert _problems(path) == [f"{path}: {expected}"]
+
+
+def test_an_unreadable_experiments_file_is_named(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_bytes(b"a2bfr:\n  wide:\n    description: caf\xe9\n")
+    assert _problems(path) == [f"{path}: not UTF-8 text (byte 0xe9 on line 3); save the file as UTF-8"]
+    assert _problems(tmp_path) == [f"{tmp_path}: is a folder, not a YAML file (an experiments file, from "
+                                   f"experiments.files)"]
+    with pytest.raises(ExperimentError) as err:  # every file's problems at once
+        load_experiments([tmp_path / "gone.yaml", path])
+    assert err.value.problems == [
+        f"{tmp_path / 'gone.yaml'}: does not exist (an experiments file, from experiments.files)",
+        f"{path}: not UTF-8 text (byte 0xe9 on line 3); save the file as UTF-8"]
+
+
+def test_every_experiments_override_values_are_checked_when_the_file_is_read(tmp_path):
+    """Not only the selected experiment's: each value is validated like the setting it overrides."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("a2bfr:\n  ok: {overrides: {sdt_margin: 0.5}}\n"
+                    "  bad: {overrides: {batch_size: 0, sdt_margin: 1.5, lr: .inf, mode: triple, resolution: 72}}\n"
+                    "roboface:\n  n0: {overrides: {num_tokens: 0, stage1_lr: .nan, caption_dropout: '0.1x'}}\n")
+    assert sorted(_problems(path)) == sorted(f"{path}: {line}" for line in [
+        "a2bfr.bad: overrides.batch_size = 0: Input should be greater than or equal to 1",
+        "a2bfr.bad: overrides.sdt_margin = 1.5: Input should be less than or equal to 1",
+        "a2bfr.bad: overrides.lr = inf: Input should be a finite number",
+        "a2bfr.bad: overrides.mode = 'triple': Input should be 'single' or 'dual'",
+        "a2bfr.bad: overrides.resolution = 72: Input should be a multiple of 16",
+        "roboface.n0: overrides.num_tokens = 0: Input should be greater than or equal to 1",
+        "roboface.n0: overrides.stage1_lr = nan: Input should be a finite number",
+        "roboface.n0: overrides.caption_dropout = '0.1x': Input should be a valid number, unable to parse string as "
+        "a number",
+    ])
+
+
+def test_experiment_config_turns_a_refused_override_into_one_line(tmp_path):
+    from training.experiments import Experiment
+
+    exp = Experiment(name="wide", model="a2bfr", overrides={"batch_size": -2}, source="mine.yaml")
+    with pytest.raises(ExperimentError) as err:
+        experiment_config(load_config(), exp)
+    assert err.value.problems == ["mine.yaml: a2bfr.wide: overrides.batch_size = -2: Input should be greater than "
+                                  "or equal to 1"]
 
 def test_user_experiments_add_and_replace(tmp_path):
     mine = tmp_path / "mine.yaml"
