@@ -39,6 +39,14 @@ SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_chan
                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=1024,
                scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
 CLIP_TOKENS = 77
+MODELS = ("large", "medium", "tiny")
+MODES = ("eager", "compiled", "fp8")
+MSL_RANGE = (8, 512)  # edit.max_sequence_length's domain: SD3's T5 takes at most 512 tokens
+RESOLUTION_STEP = 16  # 8x VAE and 2x2 patches (the tiny model needs 4: 16 serves all three)
+# the largest square each transformer's positional embedding covers: pos_embed_max_size patches of 16 (tiny: 4) px
+MAX_RESOLUTION = {"large": 192 * 16, "medium": 384 * 16, "tiny": 128 * 4}
+CPU_RESOLUTION = 128  # on a CPU the tiny model runs at most at this size
+NO_CUDA_PEAK = "no CUDA: peak GPU memory is measured on CUDA only"
 SRC = "A close-up portrait photo of a young woman with black hair, smiling and without eyeglasses."
 TAR = "A close-up portrait photo of a young woman with black hair, smiling and wearing eyeglasses."
 
@@ -79,7 +87,8 @@ def sample_faces(resolution: int, count: int) -> list[np.ndarray]:
             for i in range(count)]
 
 
-def _editor(model: str, mode: str, device: torch.device, dtype: torch.dtype, batch: int, msl: int):
+def _editor(model: str, mode: str, device: torch.device, dtype: torch.dtype, batch: int, msl: int,
+            cache_dir: Path | None = None):
     from attrface_pipeline.stages.flowedit import FlowEditor
 
     compile_, quantize = mode in ("compiled", "fp8"), "fp8" if mode == "fp8" else "none"
@@ -87,7 +96,8 @@ def _editor(model: str, mode: str, device: torch.device, dtype: torch.dtype, bat
         from attrface_pipeline.config import load_config
         from attrface_pipeline.models.store import ModelStore
 
-        path = ModelStore.from_config(load_config()).resolve("tiny/sd3")
+        store = ModelStore(cache_dir) if cache_dir is not None else ModelStore.from_config(load_config())
+        path = store.resolve("tiny/sd3")
         return FlowEditor.from_pretrained(path, device=device, dtype=dtype, compile=compile_, quantize=quantize,
                                           batch_size=batch)
     editor = FlowEditor.from_pipeline(build_architecture(model, device, dtype), device, dtype, compile=compile_,
@@ -116,7 +126,8 @@ def _flops_per_call(editor, batch: int, resolution: int, msl: int) -> float:
 
 
 def measure(model: str, mode: str, batch: int, msl: int, *, device: torch.device, dtype: torch.dtype,
-            resolution: int, repeats: int, params, reference: dict | None = None) -> tuple[Row, list[np.ndarray]]:
+            resolution: int, repeats: int, params, reference: dict | None = None,
+            cache_dir: Path | None = None) -> tuple[Row, list[np.ndarray]]:
     from attrface_pipeline.stages.checks import ssim
     from attrface_pipeline.stages.flowedit import float8_problem
 
@@ -125,7 +136,7 @@ def measure(model: str, mode: str, batch: int, msl: int, *, device: torch.device
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    editor = _editor(model, mode, device, dtype, batch, msl)
+    editor = _editor(model, mode, device, dtype, batch, msl, cache_dir)
     params = replace(params, max_sequence_length=msl)
     faces = sample_faces(resolution, batch)
     seeds = list(range(batch))
@@ -144,32 +155,113 @@ def measure(model: str, mode: str, batch: int, msl: int, *, device: torch.device
     if reference and (model, batch, msl) in reference:  # fp8 against the bf16 edit of the same faces and seeds
         drift = [ssim(a, b) for a, b in zip(out, reference[(model, batch, msl)])]
         note += f"; SSIM vs bf16 edit {min(drift):.4f} min / {statistics.mean(drift):.4f} mean"
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+    if peak is None:  # a missing figure always says why
+        note += f"; {NO_CUDA_PEAK}"
     s_pair = seconds / batch
-    row = Row(model, mode, batch, msl, round(s_pair, 4), float(f"{flops / seconds / 1e12:.3g}"),
-              peak and round(peak, 2), round(s_pair * 10_000 / 3600, 2), note.strip("; "))
+    row = Row(model, mode, batch, msl, round(s_pair, 4), float(f"{flops / seconds / 1e12:.3g}"), peak,
+              round(s_pair * 10_000 / 3600, 2), note.strip("; "))
     return row, out
 
 
+def _names(what: str, values, allowed: tuple[str, ...]) -> list[str]:
+    if isinstance(values, str):
+        raise ValueError(f"{what}: expected a list of names, got the string {values!r}")
+    out = list(dict.fromkeys(values))
+    for v in out:
+        if v not in allowed:
+            raise ValueError(f"{what} {v!r}: choose from {', '.join(allowed)}")
+    return out
+
+
+def _whole(what: str, value, low: int, high: int | None = None, why: str = "") -> int:
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not ok or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{what} {value!r}: expected a whole number {bound}{why}")
+    return int(value)
+
+
+def check_arguments(models: list[str] | None = None, modes: list[str] | None = None,
+                    batches: list[int] | None = None, msls: list[int] | None = None, resolution: int | None = 512,
+                    repeats: int | None = 2, *, cuda: bool | None = None) -> dict:
+    """The arguments of :func:`run_benchmark` checked before anything is built, defaults filled in for this machine
+    (None or an empty list: the default; ``cuda``: whether it has a CUDA device, None: look). ValueError (one line)
+    for any bad one, including SD3.5 Large/Medium without CUDA (only the tiny model runs on a CPU)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    resolution = 512 if resolution is None else resolution
+    repeats = 2 if repeats is None else repeats
+    models = _names("model", models or (), MODELS) or (["large", "medium"] if cuda else ["tiny"])
+    modes = _names("mode", modes or (), MODES) or (["eager", "compiled", "fp8"] if cuda else ["eager", "fp8"])
+    if not cuda:
+        for m in models:
+            if m != "tiny":
+                raise ValueError(f"model {m} (SD3.5 {m.title()}) needs a CUDA GPU and this machine has none: "
+                                 f"here only the tiny random SD3 runs (model tiny)")
+    batches = [_whole("batch", b, 1) for b in dict.fromkeys(batches or ())] or ([1, 4, 8] if cuda else [1, 4])
+    msls = [_whole("max_sequence_length", v, *MSL_RANGE, " T5 tokens") for v in dict.fromkeys(msls or ())]
+    _whole("resolution", resolution, RESOLUTION_STEP, None, " px")
+    limit = min(models, key=MAX_RESOLUTION.get)
+    if cuda and resolution > MAX_RESOLUTION[limit]:  # a CPU runs at most CPU_RESOLUTION anyway
+        raise ValueError(f"resolution {resolution}: model {limit} covers at most {MAX_RESOLUTION[limit]} px "
+                         f"(its positional embedding)")
+    if resolution % RESOLUTION_STEP:
+        raise ValueError(f"resolution {resolution}: expected a multiple of {RESOLUTION_STEP} (8x VAE, 2x2 patches)")
+    _whole("repeats", repeats, 1, None, " (timed calls after the warm-up; the median is reported)")
+    return {"models": models, "modes": modes, "batches": batches, "msls": msls, "resolution": int(resolution),
+            "repeats": int(repeats), "cuda": cuda}
+
+
+def check_output_file(path: str | Path | None, what: str = "json") -> Path | None:
+    """``path`` usable as an output file (None passes): ValueError when it is a folder or its parent is a file."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder: name a file (e.g. {path / 'bench_gpu.json'})")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{what} {path}: {parent} is a file, not a folder")
+    return path
+
+
+def write_json(path: str | Path, result: dict) -> None:
+    """``result`` as standard JSON (a non-finite number is written as null), atomically."""
+    from attrface_pipeline.storage import atomic_write_bytes, finite_json
+
+    atomic_write_bytes(Path(path), json.dumps(finite_json(result), indent=2, default=str, allow_nan=False).encode())
+
+
 def run_benchmark(models: list[str] | None = None, modes: list[str] | None = None, batches: list[int] | None = None,
-                  msls: list[int] | None = None, resolution: int = 512, repeats: int = 2, log=print) -> dict:
+                  msls: list[int] | None = None, resolution: int | None = 512, repeats: int | None = 2, log=print, *,
+                  cache_dir: str | Path | None = None, json_path: str | Path | None = None) -> dict:
+    """FlowEdit rows for every model x T5 length x mode x batch. Arguments are checked first
+    (:func:`check_arguments`; ValueError). ``cache_dir``: the model store holding the tiny model (None: the
+    configured ``paths.cache_dir``); ``json_path``: also write the result there (checked before any work)."""
     from attrface_pipeline.builders import flowedit_params
     from attrface_pipeline.config import load_config
+    from attrface_pipeline.stages.flowedit import float8_problem
 
-    cuda = torch.cuda.is_available()
+    plan = check_arguments(models, modes, batches, msls, resolution, repeats)
+    json_path = check_output_file(json_path)
+    models, modes, batches, resolution = plan["models"], plan["modes"], plan["batches"], plan["resolution"]
+    cuda, repeats = plan["cuda"], plan["repeats"]
+    cache_dir = Path(cache_dir) if cache_dir is not None else None
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     full = load_config(profile="full").edit
     params = flowedit_params(full)
-    models = models or (["large", "medium"] if cuda else ["tiny"])
-    modes = modes or (["eager", "compiled", "fp8"] if cuda else ["eager", "fp8"])
-    batches = batches or ([1, 4, 8] if cuda else [1, 4])
-    msls = msls or [full.max_sequence_length]
+    msls = plan["msls"] or [full.max_sequence_length]
     if not cuda:
-        resolution = min(resolution, 128)
+        resolution = min(resolution, CPU_RESOLUTION)
         log(f"no CUDA device: the tiny random SD3 on CPU at {resolution}²; these figures say nothing about SD3.5")
     log(f"FlowEdit, full profile: T={params.steps}, n_max={params.n_max}, n_avg={params.n_avg}: "
         f"{params.sample_evaluations()} evaluations/pair; {device}, {dtype}")
+    if "fp8" in modes and (problem := float8_problem(device)) is not None:
+        log(f"mode fp8 cannot run here ({problem}): its rows are n/a and say so")
+    if "compiled" in modes and not cuda:
+        log("mode compiled on a CPU: torch.compile's C++ backend, about a minute of compiling before each row's "
+            "first batch (the row's note gives it)")
     rows, reference = [], {}
     for model in models:
         for msl in msls:
@@ -177,14 +269,17 @@ def run_benchmark(models: list[str] | None = None, modes: list[str] | None = Non
                 for batch in batches:
                     row, out = measure(model, mode, batch, msl, device=device, dtype=dtype, resolution=resolution,
                                        repeats=repeats, params=params,
-                                       reference=reference if mode == "fp8" else None)
+                                       reference=reference if mode == "fp8" else None, cache_dir=cache_dir)
                     if mode == "compiled" or (mode == "eager" and (model, batch, msl) not in reference):
                         reference[(model, batch, msl)] = out
                     rows.append(row)
                     log(json.dumps(asdict(row)))
-    return {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype),
-            "resolution": resolution, "evaluations_per_pair": params.sample_evaluations(),
-            "rows": [asdict(r) for r in rows]}
+    result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype),
+              "resolution": resolution, "evaluations_per_pair": params.sample_evaluations(),
+              "rows": [asdict(r) for r in rows]}
+    if json_path is not None:
+        write_json(json_path, result)
+    return result
 
 
 def table(result: dict) -> str:
@@ -203,19 +298,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", nargs="+", choices=["large", "medium", "tiny"])
-    ap.add_argument("--mode", nargs="+", choices=["eager", "compiled", "fp8"])
+    ap.add_argument("--model", nargs="+", choices=MODELS)
+    ap.add_argument("--mode", nargs="+", choices=MODES)
     ap.add_argument("--batch", nargs="+", type=int)
     ap.add_argument("--max-sequence-length", nargs="+", type=int, help="T5 tokens (default: the full profile's)")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    result = run_benchmark(args.model, args.mode, args.batch, args.max_sequence_length, args.resolution,
-                           args.repeats)
-    print(table(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    try:
+        check_arguments(args.model, args.mode, args.batch, args.max_sequence_length, args.resolution, args.repeats)
+        check_output_file(args.json, "--json")
+    except ValueError as err:
+        ap.error(str(err))
+    print(table(run_benchmark(args.model, args.mode, args.batch, args.max_sequence_length, args.resolution,
+                              args.repeats, json_path=args.json)))
 
 
 # -- the acceptance run: every GPU row of docs/benchmarks.md in one command ---------------------------------------
@@ -271,13 +368,29 @@ def _row(rows: list[dict], **match) -> dict | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
-def run_all(out: Path, log=print) -> dict:
+def _folder(what: str, path: str | Path) -> Path:
+    """``path`` as an absolute folder path (the scripts run from the checkout); ValueError when it is a file."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder")
+    return path
+
+
+def run_all(out: str | Path, *, cache_dir: str | Path, json_path: str | Path | None = None, log=print) -> dict:
     """Every GPU row of the README/docs in one run (``attrface bench-gpu --all``): FlowEdit Large batch 8 compiled,
     the A²BFR training step at bf16/fp8/nf4 and restore with the condition cache, RoboFace's training step and
     restore, FaRL faces/s and the evaluation metrics; published architectures with random weights on CUDA, the
-    tiny models (a few seconds each) on a CPU. Writes ``bench_gpu.json`` and ``bench_gpu.md`` in ``out``."""
+    tiny models (a few seconds each) on a CPU. The rows are fixed (they are the docs' rows, measured against their
+    goals): no model, mode, batch or size is chosen here.
+
+    Writes ``bench_gpu.json`` and ``bench_gpu.md`` in the folder ``out`` (and the JSON also at ``json_path`` if
+    given); the tiny models are read from (or generated into) the model store ``cache_dir``: the configured
+    ``paths.cache_dir``, never a folder of the checkout of its own accord. ValueError before any work when a path
+    is unusable."""
     from datetime import datetime, timezone
 
+    out, cache_dir = _folder("output folder", out), _folder("cache folder", cache_dir)
+    json_path = check_output_file(json_path)
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -285,16 +398,18 @@ def run_all(out: Path, log=print) -> dict:
     parts: dict = {}
     log("FlowEdit")
     parts["flowedit"] = run_benchmark(["large"] if cuda else ["tiny"], ["compiled"] if cuda else ["eager"],
-                                      [8] if cuda else [1], None, 512, 2 if cuda else 1, log=log)
+                                      [8] if cuda else [1], None, 512, 2 if cuda else 1, log=log,
+                                      cache_dir=cache_dir)
     quick = [] if cuda else ["--steps", "2", "--repeats", "1", "--warmup", "0"]
-    parts["a2bfr_bf16"] = _script("a2bfr_speed.py", ["--batch", "1", "8", "--train-attends", "self"] if cuda else
-                                  ["--batch", "1", "--train-attends", "self", *quick], out, log, 300)
+    store = ["--cache-dir", str(cache_dir)]
+    parts["a2bfr_bf16"] = _script("a2bfr_speed.py", [*(["--batch", "1", "8"] if cuda else ["--batch", "1", *quick]),
+                                                     "--train-attends", "self", *store], out, log, 300)
     for base in ("fp8", "nf4"):
         parts[f"a2bfr_{base}"] = _script("a2bfr_speed.py", ["--base-dtype", base, "--parts", "train", "--batch", "1",
-                                                            "8", "--train-attends", "self"] if cuda else
-                                         ["--base-dtype", base, "--parts", "train", "--batch", "1", *quick],
-                                         out, log, 240)
-    parts["roboface"] = _script("roboface_speed.py", [] if cuda else ["--batch", "2", *quick], out, log, 240)
+                                                            *(["8", "--train-attends", "self"] if cuda else quick),
+                                                            *store], out, log, 240)
+    parts["roboface"] = _script("roboface_speed.py", [*([] if cuda else ["--batch", "2", *quick]), *store], out, log,
+                                240)
     log("FaRL")
     parts["farl"] = _farl_rate(device, torch.bfloat16 if cuda else torch.float32, 64 if cuda else 4,
                                10 if cuda else 1)
@@ -303,12 +418,31 @@ def run_all(out: Path, log=print) -> dict:
     summary = _summary(parts)
     result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu (tiny models: not the papers' costs)",
               "when": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - t0, 1),
-              "summary": summary, "restore_s_per_face": {
+              "summary": summary, "notes": _missing_notes(summary, parts, cuda), "restore_s_per_face": {
                   k: summary.get(f"{k}_restore_cache_s_per_face" if k == "a2bfr" else f"{k}_restore_s_per_face")
                   for k in ("a2bfr", "roboface")} if cuda else {}, "parts": parts}
-    (out / "bench_gpu.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "bench_gpu.md").write_text(all_table(result) + "\n")
+    from attrface_pipeline.storage import atomic_write_bytes
+
+    write_json(out / "bench_gpu.json", result)
+    atomic_write_bytes(out / "bench_gpu.md", (all_table(result) + "\n").encode())
+    if json_path is not None:
+        write_json(json_path, result)
     return result
+
+
+def _missing_notes(summary: dict, parts: dict, cuda: bool) -> dict[str, str]:
+    """Why each figure of the summary that has no value has none."""
+    notes = {}
+    for key, value in summary.items():
+        if value is not None:
+            continue
+        if key == "flowedit_s_per_pair":
+            notes[key] = (parts["flowedit"]["rows"][0].get("note") or "not measured")
+        elif key.endswith("peak_gib") and not cuda:
+            notes[key] = NO_CUDA_PEAK
+        else:
+            notes[key] = "not reported by its benchmark (see parts in bench_gpu.json)"
+    return notes
 
 
 def _summary(parts: dict) -> dict:
@@ -341,14 +475,15 @@ def _summary(parts: dict) -> dict:
 
 def all_table(result: dict) -> str:
     """The acceptance run as the docs' markdown table: each figure, its goal where one is set, and whether met."""
-    s, parts = result["summary"], result["parts"]
+    s, parts, notes = result["summary"], result["parts"], result.get("notes") or {}
     lines = [f"{result['device']}, {result['when']}, {result['seconds']:.0f} s in all", "",
              "| figure | measured | goal |", "|---|---|---|"]
     gpu = not result["device"].startswith("cpu")
     for key, value in s.items():
         goal, ok = GOALS.get(key, ("", None))
         mark = "" if ok is None or value is None or not gpu else (" ✓" if ok(value) else " ✗")
-        lines.append(f"| {key} | {'—' if value is None else value}{mark} | {goal} |")
+        shown = f"— ({notes.get(key) or 'not measured'})" if value is None else f"{value}{mark}"
+        lines.append(f"| {key} | {shown} | {goal} |")
     for name, part in parts.items():
         if isinstance(part, dict) and part.get("note"):
             lines.append(f"| {name} | {part['note'][:200]} | |")

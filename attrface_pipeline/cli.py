@@ -647,11 +647,12 @@ def bench_gpu(
                                              help="eager | compiled | fp8, repeatable (default: all that run here)"),
     batch: Optional[list[int]] = typer.Option(None, parser=Int(1, 64),
                                               help="batch sizes, repeatable (default: 1 4 8)"),
-    max_sequence_length: Optional[list[int]] = typer.Option(None, parser=Int(1, 512),
+    max_sequence_length: Optional[list[int]] = typer.Option(None, parser=Int(8, 512),
                                                             help="T5 tokens, repeatable (default: the full "
                                                             "profile's)"),
-    resolution: int = typer.Option(512, parser=Int(64, 2048, multiple=16)),
-    repeats: int = typer.Option(2, parser=Int(1, 100)),
+    resolution: Optional[int] = typer.Option(None, parser=Int(64, 6144, multiple=16),
+                                             help="square size in pixels (default 512)"),
+    repeats: Optional[int] = typer.Option(None, parser=Int(1, 100), help="timed runs per row (default 2)"),
     json_out: Optional[Path] = typer.Option(None, "--json", parser=PathArg("file", exists=None),
                                             help="also write the results as JSON here"),
     all_rows: bool = typer.Option(False, "--all", help="the acceptance run: every GPU row of docs/benchmarks.md "
@@ -665,32 +666,38 @@ def bench_gpu(
     """FlowEdit cost at the full profile's parameters: SD3.5 Large/Medium from their configs with random weights on
     CUDA (eager, compiled, float8; batch 1/4/8), the tiny model on a CPU. --all: every GPU row (about 8 minutes on
     one H100)."""
-    from attrface_pipeline.bench_gpu import run_benchmark, table
+    from attrface_pipeline import bench_gpu as bench
 
+    cfg = _config_or_exit(profile, _files(config_file))
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
     if all_rows:
-        from attrface_pipeline.bench_gpu import all_table, run_all
-        from attrface_pipeline.bench_gpu import update_docs as write_docs
-        from attrface_pipeline.config import PROJECT_ROOT, load_config
-
-        out = load_config().paths.data_root / "benchmarks_gpu"
-        result = run_all(out, log=lambda m: typer.echo(m, err=True))
-        typer.echo(all_table(result))
+        given = [name for name, value in (("--model", model), ("--mode", mode), ("--batch", batch),
+                                          ("--max-sequence-length", max_sequence_length),
+                                          ("--resolution", resolution), ("--repeats", repeats)) if value]
+        if given:
+            _usage(f"--all runs every row of docs/benchmarks.md at their own settings; drop {', '.join(given)}")
+        out = cfg.paths.data_root / "benchmarks_gpu"
+        try:
+            result = bench.run_all(out, cache_dir=cfg.paths.cache_dir, json_path=json_out, log=log)
+        except ValueError as err:
+            _usage(str(err))
+        typer.echo(bench.all_table(result))
         typer.echo(f"written: {out / 'bench_gpu.json'}, {out / 'bench_gpu.md'}")
-        if json_out is not None:
-            json_out.write_text(json.dumps(result, indent=2, default=str))
-        if update_docs and write_docs(result, PROJECT_ROOT / "docs" / "benchmarks.md"):
-            typer.echo("docs/benchmarks.md updated")
-        return
+        if update_docs:
+            from attrface_pipeline.config import PROJECT_ROOT
 
-    for value, allowed, name in ((model, {"large", "medium", "tiny"}, "--model"),
-                                 (mode, {"eager", "compiled", "fp8"}, "--mode")):
-        unknown = sorted(set(value or ()) - allowed)
-        if unknown:
-            raise typer.BadParameter(f"{unknown}; choose from {sorted(allowed)}", param_hint=name)
-    result = run_benchmark(model, mode, batch, max_sequence_length, resolution, repeats)
-    typer.echo(table(result))
-    if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=2))
+            if bench.update_docs(result, PROJECT_ROOT / "docs" / "benchmarks.md"):
+                typer.echo("docs/benchmarks.md updated")
+        return
+    if update_docs:
+        _usage("--update-docs writes the table of --all; give both")
+    try:  # before anything is built: models this machine cannot run, sizes a model cannot take
+        bench.check_arguments(model, mode, batch, max_sequence_length, resolution, repeats)
+    except ValueError as err:
+        _usage(str(err))
+    result = bench.run_benchmark(model, mode, batch, max_sequence_length, resolution, repeats, log=log,
+                                 cache_dir=cfg.paths.cache_dir, json_path=json_out)
+    typer.echo(bench.table(result))
 
 
 @app.command("evaluate")
@@ -713,15 +720,16 @@ def evaluate(
     error, 3 some pairs failed."""
     from attrface_pipeline.builders import build_eval_scorers
     from attrface_pipeline.storage import StorageError, atomic_write_json
-    from training.eval.report import FOLDER_METRICS, LABELS, evaluate_folders
+    from training.eval.report import FOLDER_METRICS, LABELS, cells_json, check_json_path, evaluate_folders
     from training.restore_faces import prepare_output_dir
 
     chosen = metrics or list(FOLDER_METRICS)
-    unknown = sorted(set(chosen) - set(FOLDER_METRICS))
-    if unknown:
-        raise typer.BadParameter(f"unknown metric(s) {unknown}; choose from {list(FOLDER_METRICS)}")
     cfg = _config_or_exit(profile, _files(config_file))
     if json_out is not None:
+        try:
+            check_json_path(json_out)
+        except ValueError as err:
+            _usage(str(err))
         try:
             prepare_output_dir(json_out.parent)  # before any network loads
         except (StorageError, NotADirectoryError) as e:
@@ -746,8 +754,7 @@ def evaluate(
         typer.echo(f"{LABELS[metric]:<10} {shown}")
     if json_out is not None:
         atomic_write_json(json_out, {"pred": str(pred), "gt": str(gt), "pairs": n, "unpaired": unpaired,
-                                     "failed": failed, "metrics": {m: {"value": c.value, "n": c.n, "note": c.note}
-                                                                   for m, c in cells.items()}})
+                                     "failed": failed, "metrics": cells_json(cells)})
     if all(c.value is None for c in cells.values()):
         raise typer.Exit(EXIT_FAILED)
     if failed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -105,8 +106,21 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json_bytes(obj))
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (inf, -inf, nan) replaced by None, so that the JSON written is standard
+    JSON: Python's ``Infinity``/``NaN`` tokens are not, and other readers refuse them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def json_bytes(obj: Any) -> bytes:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+    """``obj`` as standard JSON (non-finite numbers become null: :func:`finite_json`), keys sorted."""
+    return json.dumps(finite_json(obj), indent=2, sort_keys=True, default=str, allow_nan=False).encode()
 
 
 def create_json_once(path: Path, obj: Any) -> bool:

@@ -191,7 +191,9 @@ def test_evaluate_scores_what_it_can_and_records_the_rest(tmp_path):
                                    "--metric", "ssim", "--json", str(tmp_path / "report" / "metrics.json")])
     assert out.exit_code == 3, out.output
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    assert report["metrics"]["psnr"]["value"] is not None and report["failed"]
+    # the one readable pair is identical: PSNR is infinite, written as null with the reason (standard JSON)
+    assert report["metrics"]["psnr"]["value"] is None and "identical" in report["metrics"]["psnr"]["note"]
+    assert report["metrics"]["ssim"]["value"] is not None and report["failed"]
     assert all(f["reason"] and f["status"] == "failed" for f in report["failed"])
 
 

@@ -41,8 +41,17 @@ def to_tensor(images: Sequence[np.ndarray], *, device: torch.device | str = "cpu
 
 
 def _batched(fn: Callable[[list, list], torch.Tensor], a: Sequence, b: Sequence, batch_size: int) -> np.ndarray:
-    out = [fn(list(a[i:i + batch_size]), list(b[i:i + batch_size])).detach().cpu().double().reshape(-1)
-           for i in range(0, len(a), batch_size)]
+    """``fn`` over batches of at most ``batch_size`` consecutive pairs of one image shape (a folder may hold faces
+    of several sizes: a batch never mixes them), concatenated in order."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size {batch_size!r}: expected a whole number >= 1")
+    out, start = [], 0
+    while start < len(a):
+        end = start + 1
+        while end < len(a) and end - start < batch_size and np.shape(a[end]) == np.shape(a[start]):
+            end += 1
+        out.append(fn(list(a[start:end]), list(b[start:end])).detach().cpu().double().reshape(-1))
+        start = end
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 

@@ -698,9 +698,14 @@ def pair_folders(pred_dir: str | Path, gt_dir: str | Path) -> tuple[list[tuple[s
     exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
     def stems(folder: Path) -> dict[str, Path]:
+        if not folder.exists():
+            raise FileNotFoundError(f"{folder} does not exist: pass a folder of images")
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is not a folder")
-        return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in exts}
+            raise ValueError(f"{folder} is a file, not a folder: pass the folder that holds the images")
+        try:
+            return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in exts}
+        except OSError as err:
+            raise ValueError(f"{folder}: cannot list the folder ({err.strerror or type(err).__name__})") from None
 
     preds, gts = stems(Path(pred_dir)), stems(Path(gt_dir))
     both = sorted(set(preds) & set(gts))
@@ -712,9 +717,19 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, scorers: Scorers,
     """Mean metrics of the restorations in ``pred_dir`` against same-named GT images in ``gt_dir`` (predictions
     are resized to their GT's size); also returns the names found in only one folder and one record per pair
     ({name, pred, gt, status: ok | failed, reason}): a pair whose image cannot be read is left out of the means,
-    never the end of the run. ValueError when no pair can be read."""
+    never the end of the run. ValueError when no pair can be read, for an unknown metric, or a folder that is a
+    file; FileNotFoundError for a folder that does not exist.
+
+    A mean that is not a finite number says why in its cell's note: PSNR is +inf when a pair is identical (kept as
+    inf for the console and the tables; :func:`cells_json` writes it as null), a mean over no value is None."""
     from attrface_pipeline.images import check_rgb
 
+    if isinstance(metrics, str):
+        raise ValueError(f"metrics: expected a list of names, got the string {metrics!r}")
+    unknown = [m for m in metrics if m not in FOLDER_METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"metrics {list(metrics)}: choose one or more of {', '.join(FOLDER_METRICS)}")
+    metrics = list(dict.fromkeys(metrics))
     pairs, unpaired = pair_folders(pred_dir, gt_dir)
     if not pairs:
         raise ValueError(f"no image of {pred_dir} has a same-named GT in {gt_dir}")
@@ -743,6 +758,44 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, scorers: Scorers,
     if not gts:
         raise ValueError(f"none of the {len(pairs)} pairs of {pred_dir} and {gt_dir} could be read: "
                          f"{records[0]['reason']}")
-    cells = score_restoration([m for m in metrics if m != "sc"], scorers, preds, gts, prompts=None,
+    cells = score_restoration(metrics, scorers, preds, gts, prompts=None,
                               fid_reference=reference_features(scorers, gts))
+    identical = sum(p.shape == g.shape and np.array_equal(p, g) for p, g in zip(preds, gts))
+    for metric, cell in cells.items():
+        _explain_non_finite(metric, cell, identical, len(gts))
     return cells, unpaired, records
+
+
+def _explain_non_finite(metric: str, cell: Cell, identical: int, pairs: int) -> None:
+    """A cell whose value is not a finite number gets a note saying why (nan becomes None: no value)."""
+    if cell.value is None or math.isfinite(cell.value):
+        return
+    if metric == "psnr" and cell.value == math.inf:
+        why = f"identical images: PSNR is infinite ({identical} of {pairs} pairs identical)"
+    elif math.isnan(cell.value):
+        cell.value = None
+        why = "no pair gave a value (the mean is undefined)"
+    else:
+        why = f"the mean is {cell.value} (not a finite number)"
+    cell.note = f"{why}; {cell.note}" if cell.note else why
+
+
+def check_json_path(path: str | Path) -> Path:
+    """``path`` usable as the JSON output file, checked before any work: ValueError when it is a folder or one of
+    its parents is a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a folder: name a file (e.g. {path / 'metrics.json'})")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--json {path}: {parent} is a file, not a folder")
+    return path
+
+
+def cells_json(cells: dict[str, Cell]) -> dict[str, dict]:
+    """The metric cells as standard JSON values: ``{metric: {value, n, note}}``, a non-finite value (PSNR of
+    identical images) written as null; its note says why."""
+    return {m: {"value": c.value if c.value is None or math.isfinite(c.value) else None, "n": c.n,
+                "note": c.note or ("not a finite number" if c.value is not None and not math.isfinite(c.value)
+                                   else "")}
+            for m, c in cells.items()}

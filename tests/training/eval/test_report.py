@@ -157,7 +157,8 @@ def test_evaluate_folders_pairs_by_name(sets, scorers, tmp_path):
     assert same["psnr"].value == float("inf") and same["lpips"].value == pytest.approx(0, abs=1e-6)
     assert "untrained network (tiny/lpips): not comparable with published numbers" in same["lpips"].note
     table = R.Table("t", ["psnr", "lpips"], [("identity", same)]).markdown()
-    assert "| ∞ | 0.0000 [1] |" in table and "[1] LPIPS from an untrained network" in table
+    assert "| ∞ [1] | 0.0000 [2] |" in table and "[1] identical images: PSNR is infinite" in table
+    assert "[2] LPIPS from an untrained network" in table
 
 
 def test_judged_cells_and_aa_per_attribute(sets, tmp_path):
@@ -190,3 +191,69 @@ def test_judged_cells_and_aa_per_attribute(sets, tmp_path):
     assert by[("ood", "attribute", "sc")]["value"] == 70.0 and by[("train", "restoration", "sc")]["value"] == 70.0
     md = "".join(t.markdown() for t in report.tables)
     assert "AA per attribute" in md and "| Eyeglasses | Smiling |" in md.replace("Method | ", "")
+
+
+def test_evaluate_folders_identical_images_give_standard_json(sets, scorers, tmp_path):
+    """Identical images: PSNR stays inf for the console (with the reason), and the JSON the CLI writes is standard
+    JSON: the value is null and the note says why (no `Infinity` token)."""
+    from attrface_pipeline.storage import atomic_write_json, json_bytes
+
+    bset = sets["celeba_test_levels"]
+    gt = tmp_path / "gt"
+    for r in bset.level_rows("train"):
+        atomic_write_bytes(gt / f"{r['key']}.png", (bset.root / r["gt_path"]).read_bytes())
+    cells, _, _ = R.evaluate_folders(gt, gt, scorers, metrics=["psnr", "ssim"])
+    assert cells["psnr"].value == float("inf")
+    assert cells["psnr"].note == "identical images: PSNR is infinite (3 of 3 pairs identical)"
+    assert f"{cells['psnr'].value:.4f}" == "inf" and cells["ssim"].note == ""
+    out = R.cells_json(cells)
+    assert out["psnr"] == {"value": None, "n": 3, "note": cells["psnr"].note}
+    assert out["ssim"]["value"] == pytest.approx(1.0)
+    # the project's JSON writer: standard JSON whatever it is given (non-finite numbers become null)
+    path = tmp_path / "out" / "metrics.json"
+    atomic_write_json(path, {"metrics": {m: {"value": c.value, "note": c.note} for m, c in cells.items()}})
+    text = path.read_text()
+    assert "Infinity" not in text and json.loads(text)["metrics"]["psnr"]["value"] is None
+    assert json.loads(json_bytes({"a": float("nan"), "b": [float("-inf"), 1.5]})) == {"a": None, "b": [None, 1.5]}
+
+
+def test_evaluate_folders_mixed_sizes_and_hostile_arguments(sets, scorers, tmp_path):
+    """Faces of several sizes in one folder are scored (a batch never mixes sizes); a file, a missing folder, an
+    unknown or empty metric list and a folder named as the JSON output are refused with one line."""
+    faces = [read_rgb(p) for p in ALIGNED[:3]]
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    for i, face in enumerate(faces):
+        size = 48 + 16 * i
+        small = cv2.resize(face, (size, size), interpolation=cv2.INTER_AREA)
+        atomic_write_bytes(gt / f"f{i}.png", encode_image(small, "png"))
+        atomic_write_bytes(pred / f"f{i}.png", encode_image(cv2.GaussianBlur(small, (5, 5), 0), "png"))
+    cells, _, _ = R.evaluate_folders(pred, gt, scorers, metrics=["psnr", "ssim", "lpips"])
+    for metric in ("psnr", "ssim", "lpips"):
+        assert cells[metric].value is not None and cells[metric].n == 3, (metric, cells[metric].note)
+    assert 15 < cells["psnr"].value < 60
+    afile = tmp_path / "file.png"
+    afile.write_bytes(b"x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        R.evaluate_folders(afile, gt, scorers, metrics=["psnr"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        R.evaluate_folders(pred, tmp_path / "missing", scorers, metrics=["psnr"])
+    for bad in (["psnrx"], [], "psnr", ["sc"]):
+        with pytest.raises(ValueError, match="metrics"):
+            R.evaluate_folders(pred, gt, scorers, metrics=bad)
+    with pytest.raises(ValueError, match="is a folder"):
+        R.check_json_path(tmp_path)
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        R.check_json_path(afile / "metrics.json")
+    assert R.check_json_path(tmp_path / "new" / "metrics.json") == tmp_path / "new" / "metrics.json"
+
+
+def test_metric_batches_never_mix_image_sizes():
+    from training.eval import metrics as M
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (s, s, 3), dtype=np.uint8) for s in (16, 16, 24, 16)]
+    noisy = [np.clip(i.astype(int) + 5, 0, 255).astype(np.uint8) for i in imgs]
+    together = M.psnr_batch(imgs, noisy, batch_size=8)
+    assert np.allclose(together, [M.psnr(a, b) for a, b in zip(imgs, noisy)])
+    with pytest.raises(ValueError, match="batch_size"):
+        M.psnr_batch(imgs, noisy, batch_size=0)
