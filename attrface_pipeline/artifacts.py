@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attrface_pipeline.storage import atomic_write_bytes, storage_error
+from attrface_pipeline.storage import atomic_write_bytes, finite_json, storage_error
 
 INTEGRITY_KEY = "_artifact"
 
@@ -82,18 +81,6 @@ class ArtifactError(ValueError):
 
 class ArtifactMissingError(ArtifactError, FileNotFoundError):
     """The file is not there at all."""
-
-
-def finite_json(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None, so the JSON written is standard JSON (Python's
-    ``NaN``/``Infinity`` tokens are not)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    return value
 
 
 def canonical(payload: Any) -> bytes:
