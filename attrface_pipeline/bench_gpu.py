@@ -213,23 +213,17 @@ def check_arguments(models: list[str] | None = None, modes: list[str] | None = N
 
 
 def check_output_file(path: str | Path | None, what: str = "json") -> Path | None:
-    """``path`` usable as an output file (None passes): ValueError when it is a folder or its parent is a file."""
-    if path is None:
-        return None
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{what} {path} is a folder: name a file (e.g. {path / 'bench_gpu.json'})")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ValueError(f"{what} {path}: {parent} is a file, not a folder")
-    return path
+    """``path`` usable as an output file (None passes): storage.check_output_file."""
+    from attrface_pipeline.storage import check_output_file as check
+
+    return None if path is None else check(path, what)
 
 
 def write_json(path: str | Path, result: dict) -> None:
     """``result`` as standard JSON (a non-finite number is written as null), atomically."""
-    from attrface_pipeline.storage import atomic_write_bytes, finite_json
+    from attrface_pipeline.storage import atomic_write_json
 
-    atomic_write_bytes(Path(path), json.dumps(finite_json(result), indent=2, default=str, allow_nan=False).encode())
+    atomic_write_json(Path(path), result)
 
 
 def run_benchmark(models: list[str] | None = None, modes: list[str] | None = None, batches: list[int] | None = None,

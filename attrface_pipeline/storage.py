@@ -118,6 +118,18 @@ def finite_json(value: Any) -> Any:
     return value
 
 
+def check_output_file(path: str | Path, what: str = "--json") -> Path:
+    """``path`` usable as an output file, checked before any work: ValueError when it is a folder or one of its
+    parents is a file (``what`` names it in the message)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder: name a file in it (e.g. {path / 'results.json'})")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{what} {path}: {parent} is a file, not a folder")
+    return path
+
+
 def json_bytes(obj: Any) -> bytes:
     """``obj`` as standard JSON (non-finite numbers become null: :func:`finite_json`), keys sorted."""
     return json.dumps(finite_json(obj), indent=2, sort_keys=True, default=str, allow_nan=False).encode()

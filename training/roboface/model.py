@@ -14,7 +14,9 @@ Stages (REFERENCE.md, RoboFace), epsilon- or v-prediction as the scheduler says,
 * ``stage1b`` -- tokens = Remover(Mapper(CLIP(LQ))), loss on the HQ latents. Trains the Remover only.
 * ``stage2`` -- ControlNet on the LQ image (in [0, 1], the diffusers convention for control images), and DCA in every
   cross-attention layer of UNet and ControlNet; ``encoder_hidden_states = [caption tokens ; Remover(Mapper(LQ))]``;
-  loss on the HQ latents. Trains the ControlNet and the DCA branches (UNet's and ControlNet's).
+  loss on the HQ latents. Trains the ControlNet and the DCA branches (UNet's and ControlNet's). With ``dca.implicit``
+  off it trains the ControlNet alone and computes no implicit tokens (CLIP, Mapper and Remover do not run; the
+  unused branches keep their initial weights and are still saved, so the deliverable's layout is the same).
 
 Stage I gives the UNet the N tokens alone as its context, which the DCA processors run as stock cross-attention (the
 text's K/V, the branches unused), so one bundle with DCA installed serves every stage.
@@ -165,7 +167,11 @@ class RoboFace(nn.Module):
 
     def stage2_tokens(self, lq_images: torch.Tensor) -> torch.Tensor:
         """The implicit tokens stage II attends to: Remover(Mapper(CLIP(LQ))), or the Mapper's tokens alone with
-        ``dca.use_remover`` off."""
+        ``dca.use_remover`` off. With ``dca.implicit`` off nothing runs (no CLIP, Mapper or Remover): the N tokens
+        are zeros that keep the context's ``[text ; N]`` layout, and the DCA layers attend to the text alone."""
+        if not self.config.dca.implicit:
+            return torch.zeros(lq_images.shape[0], self.config.num_tokens, self.unet.config.cross_attention_dim,
+                               device=lq_images.device)
         return self.implicit_tokens(lq_images) if self.config.dca.use_remover else self.mapper_tokens(lq_images)
 
     def stage2_captions(self, captions: Sequence[str]) -> list[str]:
@@ -249,8 +255,8 @@ class RoboFace(nn.Module):
             return [self.mapper]
         if stage == "stage1b":
             return [self.remover]
-        if stage == "stage2":
-            return [self.controlnet, self.dca]
+        if stage == "stage2":  # the DCA branches only where they are used (not with ``dca.implicit`` off)
+            return [self.controlnet, self.dca] if self.config.dca.implicit else [self.controlnet]
         raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
 
     def trainable_parameters(self, stage: str) -> Iterator[nn.Parameter]:
