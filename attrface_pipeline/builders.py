@@ -143,6 +143,9 @@ def build_qc_scorers(cfg: PipelineConfig) -> QCScorers:
 # Model training
 
 
+A2BFR_HISTORICAL_LORA = {"init": "kaiming", "dropout": 0.01, "dtype": "fp32"}  # the LoRA before these settings
+
+
 def a2bfr_train_config(cfg: PipelineConfig, *, shards: str, output_dir: str | None = None, **overrides):
     """The A2BFRTrainConfig the ``a2bfr_lora`` asset (and ``attrface train a2bfr``) launches: the config's a2bfr
     section + its model specs; ``overrides`` (a2bfr field names) win. The run folder defaults to one per
@@ -155,7 +158,9 @@ def a2bfr_train_config(cfg: PipelineConfig, *, shards: str, output_dir: str | No
         "model": {"base": cfg.models.flux, "farl": cfg.models.farl, "resolution": a.resolution,
                   **({"base_dtype": a.base_dtype} if a.base_dtype != "bf16" else {}),
                   "max_sequence_length": a.max_sequence_length, "condition_attends": a.condition_attends,
-                  "lora": {"rank": a.lora_rank, "alpha": a.lora_alpha}},
+                  "condition_latent": a.condition_latent,
+                  "lora": {"rank": a.lora_rank, "alpha": a.lora_alpha, "init": a.lora_init, "dropout": a.lora_dropout,
+                           "dtype": a.lora_dtype}},
         "loss": {"aal_weight": a.aal_weight, "sdt_margin": a.sdt_margin, "sdt_weight": a.sdt_weight},
         "data": {"shards": shards, "mode": a.mode, "preset": a.degradation, "batch_size": a.batch_size,
                  "num_workers": 0 if cfg.profile == "offline" else 4, "seed": 0,
@@ -163,8 +168,11 @@ def a2bfr_train_config(cfg: PipelineConfig, *, shards: str, output_dir: str | No
         "samples": {"faces": a.sample_faces, "steps": a.sample_steps},
         "cache_dir": str(cfg.paths.cache_dir), "allow_download": cfg.models.allow_download,
     }
-    meaning = json.dumps({**body, "optimizer": a.optimizer, "lr": a.lr, "mixed_precision": a.mixed_precision},
-                         sort_keys=True)
+    # Settings added later name the run by omission at the value earlier runs trained with, so those runs resume.
+    lora = {k: v for k, v in body["model"]["lora"].items() if A2BFR_HISTORICAL_LORA.get(k, ()) != v}
+    model = {k: v for k, v in body["model"].items() if (k, v) != ("condition_latent", "mean")}
+    meaning = json.dumps({**body, "model": {**model, "lora": lora}, "optimizer": a.optimizer, "lr": a.lr,
+                          "mixed_precision": a.mixed_precision}, sort_keys=True)
     run = output_dir or a.output_dir or cfg.paths.data_root / "models" / "a2bfr" / hashlib.sha256(
         meaning.encode()).hexdigest()[:12]
     body["train"] = {"output_dir": str(run), "max_steps": a.max_steps, "checkpoint_every": a.checkpoint_every,

@@ -552,9 +552,10 @@ def restore(
     lora_scale: Optional[float] = typer.Option(None, parser=Float(-10, 10),
                                                help="A²BFR adapter scale on the condition tokens (default: the LoRA's "
                                                "recorded scale; 1.0 for the release)"),
-    condition_latent: str = typer.Option("sample", parser=Choice(("sample", "mean")),
-                                         help="A²BFR condition latent: sample (the official draw) | mean "
-                                         "(deterministic; not the official output)"),
+    condition_latent: Optional[str] = typer.Option(None, parser=Choice(("sample", "mean")),
+                                                   help="A²BFR condition latent: sample (the official draw) | mean "
+                                                   "(deterministic; not the official output); default: the one "
+                                                   "the LoRA records it was trained with, else sample"),
     condition_cache: bool = typer.Option(False, "--condition-cache", help="A²BFR: compute the condition once per "
                                          "face (LoRAs trained with condition_attends: self)"),
     batch_guidance: bool = typer.Option(False, "--batch-guidance", help="A²BFR: run the image-guidance pass in the "

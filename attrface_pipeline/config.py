@@ -334,7 +334,18 @@ class A2BFRConfig(_Strict):
     sdt_weight: float = Field(0.1, ge=0, description="alpha: dual-training loss weight")
     lora_rank: int = Field(4, ge=1)
     lora_alpha: float = Field(4.0, gt=0, description="LoRA scale numerator (the update is scaled by alpha / rank)")
+    lora_init: Literal["gaussian", "kaiming"] = Field(
+        "gaussian", description="LoRA A init: gaussian N(0, 1/rank) (OminiControl) | kaiming (peft's default); "
+        "B starts at 0")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (OminiControl: 0)")
+    lora_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="trained LoRA weights: fp32 master weights | bf16 with the loss in bf16 and no autocast "
+        "(OminiControl's step; needs mixed_precision bf16)")
     condition_attends: Literal["all", "self"] = "all"
+    condition_latent: Literal["sample", "mean"] = Field(
+        "sample", description="the LQ condition's VAE latent in training: sample (a posterior draw after the noise, "
+        "as OminiControl and the official inference) | mean (the posterior mean); recorded with the LoRA, the "
+        "restore default")
     max_sequence_length: int = Field(32, ge=8, le=512, description="T5 tokens")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = True
@@ -348,6 +359,13 @@ class A2BFRConfig(_Strict):
     latent_cache: bool = Field(True, description="read the GT images' VAE posteriors from the gt_latents asset "
                                "instead of encoding them every step (the LQ stays online)")
     output_dir: Path | None = Field(None, description="run folder; default <data_root>/models/a2bfr/<config hash>")
+
+    @model_validator(mode="after")
+    def _bf16_lora(self) -> A2BFRConfig:
+        if self.lora_dtype == "bf16" and self.mixed_precision != "bf16":
+            raise ValueError(f"lora_dtype bf16 trains the whole model in bf16 (OminiControl's step): it needs "
+                             f"mixed_precision bf16, not {self.mixed_precision!r}")
+        return self
 
 
 class RoboFaceSection(_Strict):

@@ -47,7 +47,7 @@ FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_h
 # black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json (the tiny zoo model ships the same).
 FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                       base_image_seq_len=256, max_image_seq_len=4096)
-LORA_RANK, LORA_ALPHA, LORA_DROPOUT = 64, 4.0, 0.01  # training.a2bfr.config.LoraSettings (REFERENCE.md)
+LORA_RANK, LORA_ALPHA, LORA_DROPOUT = 64, 4.0, 0.0  # training.a2bfr.config.LoraSettings (OminiControl: dropout 0)
 GRAD_CLIP = 0.5  # TrainSettings.grad_clip default, applied by the engine before every optimizer step
 TRAIN_GUIDANCE, RESTORE_GUIDANCE = 1.0, 3.0  # LossSettings.train_guidance; the restore default
 

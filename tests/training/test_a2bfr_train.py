@@ -91,7 +91,7 @@ def test_overfits_two_pairs_and_trains_only_the_lora(tmp_path, training_zoo, two
     trained = A2BFRPipeline.from_pretrained(training_zoo / "flux")
     trained.load_a2bfr_lora(result.final_dir)
     after = _fixed_loss(cfg, trained, farl, ConditionedFlux(trained.transformer))
-    assert after < 0.9 * before, (before, after)  # measured 0.83 (3.117 -> 2.597)
+    assert after < 0.9 * before, (before, after)  # measured 0.84 (3.131 -> 2.628)
     for name, param in trained.transformer.named_parameters():  # the base weights are the checkpoint's, untouched
         if "lora_" not in name:
             assert torch.equal(param, base[name]), name

@@ -15,11 +15,19 @@ class _Strict(BaseModel):
 
 
 class LoraSettings(_Strict):
-    """REFERENCE.md: rank 64, alpha 4, dropout 0.01; applied at ``scale`` on condition tokens (OminiControl: 1)."""
+    """REFERENCE.md: rank 64, alpha 4; applied at ``scale`` on condition tokens (OminiControl: 1). Init, dropout
+    and the weights' dtype default to OminiControl's training (``init_lora_weights: gaussian``, peft's dropout 0);
+    ``dtype: bf16`` is its whole-model bf16 step, fp32 master weights ours."""
 
     rank: int = Field(64, ge=1)
     alpha: float = 4.0
-    dropout: float = Field(0.01, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (OminiControl: peft's default 0)")
+    init: Literal["gaussian", "kaiming"] = Field(
+        "gaussian", description="gaussian: A ~ N(0, 1/rank) (OminiControl's init_lora_weights: gaussian); kaiming: "
+        "peft's default (kaiming-uniform A); B = 0 either way")
+    dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="the trained LoRA weights: fp32 master weights, or bf16 with the loss in bf16 and no "
+        "autocast (OminiControl's step; needs train.mixed_precision bf16)")
     scale: float = 1.0
     adapter_name: str = "default"
 
@@ -30,6 +38,9 @@ class ModelSettings(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     condition_attends: Literal["all", "self"] = Field(
         "all", description="all: condition tokens attend every token (paper); self: only themselves (KV cache)")
+    condition_latent: Literal["sample", "mean"] = Field(
+        "sample", description="the LQ condition's VAE latent in training: sample (a posterior draw, after the "
+        "noise, as OminiControl's training and the official inference) or mean (the posterior mean)")
     base_dtype: Literal["bf16", "fp8", "nf4"] = Field(
         "bf16", description="the frozen transformer's storage: bf16 (unquantized, the mixed-precision dtype), fp8 "
         "(torchao weight-only) or nf4 (bitsandbytes); the LoRA trains in fp32 above it (training/quantize.py)")
@@ -88,4 +99,11 @@ class A2BFRTrainConfig(_Strict):
         if self.data.resolution not in (None, self.model.resolution):
             raise ValueError(f"data.resolution {self.data.resolution} differs from model.resolution "
                              f"{self.model.resolution}; leave data.resolution unset")
+        return self
+
+    @model_validator(mode="after")
+    def _bf16_lora(self) -> A2BFRTrainConfig:
+        if self.model.lora.dtype == "bf16" and self.train.mixed_precision != "bf16":
+            raise ValueError(f"model.lora.dtype bf16 trains the whole model in bf16 (OminiControl's step): it needs "
+                             f"train.mixed_precision bf16, not {self.train.mixed_precision!r}")
         return self

@@ -53,11 +53,14 @@ def dual_hinge(a_src: torch.Tensor, a_tar: torch.Tensor, margin: float) -> torch
 
 
 def flow_sample(x0: torch.Tensor, generator: torch.Generator | None = None):
-    """(t, x_t, target): t = sigmoid(randn) per sample, x_t = (1 - t) x0 + t eps, target eps - x0."""
-    t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, generator=generator)).to(x0.dtype)
+    """(t, x_t, target): t = sigmoid(randn) per sample, x_t = (1 - t) x0 + t eps, target eps - x0.
+
+    As OminiControl's training step: t stays float32 (the transformer rounds it to its dtype), eps is drawn in
+    x0's dtype, x_t is computed at t's precision and then cast to x0's dtype."""
+    t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, generator=generator))
     eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     tt = t.view(-1, *([1] * (x0.ndim - 1)))
-    return t, (1 - tt) * x0 + tt * eps, eps - x0
+    return t, ((1 - tt) * x0 + tt * eps).to(x0.dtype), eps - x0
 
 
 @dataclass
@@ -70,6 +73,8 @@ class Objective:
     resolution: int
     max_sequence_length: int
     latents: object | None = None  # a training.latent_cache.LatentCache of the GT images' VAE posteriors
+    condition_latent: str = "sample"  # the LQ's latent: a posterior draw (OminiControl) or the posterior mean
+    lora_dtype: str = "fp32"  # bf16: the flow-matching loss in the prediction's bf16, as OminiControl's step
     _empty: tuple | None = None
 
     @torch.no_grad()
@@ -84,18 +89,21 @@ class Objective:
             self._empty = self.encode_text([""])[:2]
         return self._empty
 
-    @torch.no_grad()
-    def condition(self, lq: torch.Tensor) -> torch.Tensor:
-        """Condition tokens of the LQ images; a ``condition_dropout`` share become the black image's tokens (the
-        same 'no condition' the image guidance's unconditional pass uses)."""
-        tokens = self.pipe.encode_packed(lq, sample=False)
+    def condition_drop(self, lq: torch.Tensor) -> torch.Tensor | None:
+        """Which LQ images ``condition_dropout`` replaces by the black image (None: dropout off, nothing drawn).
+        Drawn first in a step: OminiControl decides its dropout in the data, before the step's draws."""
         p = self.loss.condition_dropout
-        if p > 0:
-            drop = torch.rand(lq.shape[0], device=lq.device) < p
-            if drop.any():
-                black = self.pipe.encode_packed(torch.full_like(lq[:1], -1.0), sample=False)
-                tokens = torch.where(drop.view(-1, 1, 1), black.expand_as(tokens), tokens)
-        return tokens
+        return torch.rand(lq.shape[0], device=lq.device) < p if p > 0 else None
+
+    @torch.no_grad()
+    def condition(self, lq: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Condition tokens of the LQ images, drawn from the VAE posterior (``condition_latent="sample"``) or its
+        mean. ``drop``'s images become the black image (pixels -1, the 'no condition' of the image guidance's
+        unconditional pass) before encoding, as OminiControl's dataset replaces the condition image: their tokens
+        come from the same batch draw as the others."""
+        if drop is not None and drop.any():
+            lq = torch.where(drop.view(-1, 1, 1, 1), torch.full_like(lq, -1.0), lq)
+        return self.pipe.encode_packed(lq, sample=self.condition_latent == "sample")
 
     def text(self, prompts: list[str]):
         embeds, pooled, txt_ids = self.encode_text(prompts)
@@ -117,11 +125,14 @@ class Objective:
     def gt_attributes(self, gt: torch.Tensor) -> torch.Tensor:
         return self.farl(farl_pixels(gt.float()).to(self.farl.dtype))
 
-    def branch(self, model, gt: torch.Tensor, cond: torch.Tensor, prompts: list[str],
-               target_probs: torch.Tensor | None, with_attributes: bool, gt_ids: list[str] | None = None) -> dict:
+    def branch(self, model, gt: torch.Tensor, lq: torch.Tensor, prompts: list[str],
+               target_probs: torch.Tensor | None, with_attributes: bool, gt_ids: list[str] | None = None,
+               drop: torch.Tensor | None = None, repeat: int = 1) -> dict:
         """One target: flow-matching loss, and (if asked) the prediction's attribute probabilities and their BCE.
         ``gt_ids`` name the GT images in the latent cache: their cached posteriors are drawn from instead of
-        encoding (the same draw: the VAE encoder consumes no random numbers)."""
+        encoding (the same draw: the VAE encoder consumes no random numbers). The random draws come in
+        OminiControl's order: GT latent, (text dropout), t, noise, then the condition latent of ``lq`` (``drop``:
+        :meth:`condition_drop`), whose tokens are used ``repeat`` times (rows [lq; lq] for two targets)."""
         pipe = self.pipe
         with torch.no_grad():
             if self.latents is not None and gt_ids is not None:
@@ -130,12 +141,16 @@ class Objective:
                 x0 = pipe.encode_packed(gt)
         embeds, pooled, txt_ids = self.text(prompts)
         t, x_t, target = flow_sample(x0)
+        cond = self.condition(lq, drop)
+        cond = torch.cat([cond] * repeat) if repeat > 1 else cond
         ids = pipe.latent_ids(gt.shape[0], self.resolution, self.resolution)
         guidance = (torch.full((gt.shape[0],), self.loss.train_guidance, device=x0.device, dtype=x0.dtype)
                     if pipe.transformer.config.guidance_embeds else None)
         v = model(x_t, prompt_embeds=embeds, pooled=pooled, timestep=t, img_ids=ids, txt_ids=txt_ids,
                   guidance=guidance, cond_tokens=cond)
-        out = {"diff": F.mse_loss(v.float(), target.float())}
+        # bf16 LoRA: OminiControl's mse of the bf16 prediction and target; else in float32
+        out = {"diff": F.mse_loss(v, target.to(v.dtype)) if self.lora_dtype == "bf16"
+               else F.mse_loss(v.float(), target.float())}
         if with_attributes:
             x0_hat = x_t - t.view(-1, 1, 1) * v
             probs = self.attributes(x0_hat)
@@ -149,24 +164,26 @@ class Objective:
         """The loss terms (with gradients): diff and attr (per branch averaged), dual and gap in dual batches."""
         s = self.loss
         dual = "gt_src" in batch
-        cond = self.condition(batch["lq"])
+        lq = batch["lq"]
+        drop = self.condition_drop(lq)
         aal = s.aal_weight > 0
         keys = list(batch.get("key", ()))
         if not dual:
             ids = [f"{k}.{side}" for k, side in zip(keys, batch.get("lq_from", ()))] or None
-            b = self.branch(model, batch["gt"], cond, list(batch["prompt"]), None, aal, gt_ids=ids)
+            b = self.branch(model, batch["gt"], lq, list(batch["prompt"]), None, aal, gt_ids=ids, drop=drop)
             return {k: v for k, v in b.items() if k != "probs"}
         need_probs = aal or s.sdt_weight > 0
         # Both targets in one transformer call (rows [src; tar], the same LQ condition twice): equal halves, so the
         # batch means are the means of the two branches' means.
-        both = self.branch(model, torch.cat([batch["gt_src"], batch["gt_tar"]]), torch.cat([cond, cond]),
+        both = self.branch(model, torch.cat([batch["gt_src"], batch["gt_tar"]]), lq,
                            list(batch["prompt_src"]) + list(batch["prompt_tar"]),
                            torch.cat([batch["attr_probs_src"], batch["attr_probs_tar"]]), need_probs,
-                           gt_ids=[f"{k}.src" for k in keys] + [f"{k}.tar" for k in keys] if keys else None)
+                           gt_ids=[f"{k}.src" for k in keys] + [f"{k}.tar" for k in keys] if keys else None,
+                           drop=drop, repeat=2)
         out = {"diff": both["diff"]}
         if need_probs:
             out["attr"] = both["attr"]
-            index = torch.as_tensor(batch["attr_index"], device=cond.device).long().view(-1, 1)
+            index = torch.as_tensor(batch["attr_index"], device=lq.device).long().view(-1, 1)
             p_src, p_tar = both["probs"].chunk(2)
             a_src, a_tar = p_src.gather(1, index)[:, 0], p_tar.gather(1, index)[:, 0]
             out["dual"] = dual_hinge(a_src, a_tar, s.sdt_margin)

@@ -48,12 +48,20 @@ def lora_target_names(transformer: nn.Module) -> list[str]:
     return [name for name, _ in transformer.named_modules() if pattern.fullmatch(name)]
 
 
-def add_condition_lora(transformer: nn.Module, *, rank: int = 64, alpha: float = 4.0, dropout: float = 0.01,
-                       adapter_name: str = "default", init: bool | str = True) -> None:
-    """Wrap the LoRA targets with a peft adapter (diffusers' ``add_adapter``: saved/loaded in diffusers' format)."""
+LORA_INITS = {"gaussian": "gaussian", "kaiming": True}  # our names -> peft's init_lora_weights
+
+
+def add_condition_lora(transformer: nn.Module, *, rank: int = 64, alpha: float = 4.0, dropout: float = 0.0,
+                       adapter_name: str = "default", init: bool | str = "gaussian") -> None:
+    """Wrap the LoRA targets with a peft adapter (diffusers' ``add_adapter``: saved/loaded in diffusers' format).
+
+    ``init``: "gaussian" (A ~ N(0, 1/rank), B = 0: OminiControl's ``init_lora_weights: gaussian``), "kaiming"
+    (peft's default: kaiming-uniform A, B = 0), or any peft ``init_lora_weights`` value. Defaults: OminiControl's
+    training config (gaussian, peft's dropout 0)."""
     from peft import LoraConfig
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=init,
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                        init_lora_weights=LORA_INITS.get(init, init) if isinstance(init, str) else init,
                         target_modules=LORA_TARGETS)
     transformer.add_adapter(config, adapter_name=adapter_name)
 

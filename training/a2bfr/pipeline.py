@@ -191,6 +191,7 @@ class A2BFRPipeline(FluxPipeline):
     adapter_name: str | None = None
     condition_attends: str = "all"
     lora_scale: float | None = None
+    condition_latent: str | None = None  # the loaded LoRA's recorded training choice (None: no record)
     text_cache = None  # a training.text_cache.TextEmbeddingCache: prompts are looked up, no text encoder runs
 
     def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1, prompt_embeds=None,
@@ -269,7 +270,8 @@ class A2BFRPipeline(FluxPipeline):
 
         The file is checked against the base transformer first (:func:`check_lora_file`). The adapter then runs at
         ``lora_scale`` on the condition tokens: the argument if given, else ours' recorded ``lora_scale``, else 1.0
-        (the release, as OminiControl's ``specify_lora`` applies it).
+        (the release, as OminiControl's ``specify_lora`` applies it). The recorded ``condition_latent`` (how the
+        LoRA's training encoded the LQ) becomes the restore default; a LoRA without one restores with "sample".
         """
         folder, weight_name = find_lora_file(path)
         check_lora_file(folder / weight_name, self.transformer)
@@ -288,6 +290,10 @@ class A2BFRPipeline(FluxPipeline):
         set_lora_scale(self.transformer, name, scale)  # ... so the condition stream's scale is set after it
         self.adapter_name, self.lora_scale = name, scale
         self.condition_attends = config.get("condition_attends", "all")
+        recorded = config.get("condition_latent")
+        if recorded not in (None, "sample", "mean"):
+            raise LoraFileError(f"{config_path}: condition_latent {recorded!r} is not 'sample' or 'mean'")
+        self.condition_latent = recorded
         return config
 
     # -- inference --------------------------------------------------------------------------------------------
@@ -307,7 +313,7 @@ class A2BFRPipeline(FluxPipeline):
     def restore(self, lq_image, prompt: str | list[str] = DEFAULT_PROMPT, *, height: int = 512, width: int = 512,
                  num_inference_steps: int = 28, guidance_scale: float = 3.0, image_guidance_scale: float = 1.0,
                  generator: torch.Generator | list[torch.Generator] | None = None, max_sequence_length: int = 512,
-                 condition_latent: ConditionLatent = "sample", condition_cache: bool = False,
+                 condition_latent: ConditionLatent | None = None, condition_cache: bool = False,
                  batch_guidance: bool = False, output_type: str = "pil", return_dict: bool = True,
                  progress: bool = True):
         """Restore ``lq_image`` (one or a list: PIL, uint8 arrays or a [-1, 1] tensor batch) under ``prompt``.
@@ -317,13 +323,15 @@ class A2BFRPipeline(FluxPipeline):
         black image's latent when ``image_guidance_scale`` != 1 (which adds that unconditional pass: a second
         transformer call per step as the official code, or ``batch_guidance=True``: both rows in one call, faster
         on a GPU; in bf16 the batched kernels round differently, up to 10 grey levels on the tiny model).
-        ``condition_latent="mean"``: the posterior mean instead of a draw (deterministic; not the official path).
+        ``condition_latent="mean"``: the posterior mean instead of a draw (deterministic; not the official path);
+        None: the loaded LoRA's recorded choice, else "sample".
         ``condition_cache``: compute the condition tokens' keys/values once per image instead of once per step
         (only for a LoRA trained with ``condition_attends="self"``; equal to recomputing within float rounding).
         ``output_type``: pil | np (float [0, 1], as diffusers) | pt ([-1, 1] tensor) | latent.
         """
         if height % 16 or width % 16 or height <= 0 or width <= 0:
             raise ValueError(f"A²BFR restores at multiples of 16 (VAE 8x + 2x2 packing), got {width}x{height}")
+        condition_latent = condition_latent or self.condition_latent or "sample"
         if condition_latent not in ("sample", "mean"):
             raise ValueError(f"condition_latent must be 'sample' or 'mean', not {condition_latent!r}")
         if condition_cache and self.condition_attends != "self":

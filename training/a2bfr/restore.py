@@ -5,7 +5,9 @@ bicubic filter, noise and condition latent drawn from a generator on the model's
 official code calls ``seed_everything(seed)`` before every image, so every crop gets the same seed), 28 steps,
 guidance 3.0. ``batch_size`` > 1 stacks crops in one call with one generator per crop, so each still gets the noise
 it would get alone. The deliberate departures from the official path are options, off by default and listed in
-:meth:`A2BFRRestorer.settings`: ``condition_latent="mean"``, ``condition_cache``, ``batch_guidance``.
+:meth:`A2BFRRestorer.settings`: ``condition_latent="mean"``, ``condition_cache``, ``batch_guidance``. The condition
+latent defaults to the one the LoRA records it was trained with (``a2bfr_config.json``); a LoRA without a record
+(the official release, ours from before the record) restores with the official draw, "sample".
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class A2BFRRestorer:
     batch_size: int = 1
     seed: int = 0
     condition_latent: str = "sample"
+    condition_latent_from: str = "default"  # option | the LoRA's record | default (the LoRA records none)
     condition_cache: bool = False
     batch_guidance: bool = False
     record: dict = field(default_factory=dict)
@@ -43,9 +46,16 @@ class A2BFRRestorer:
              resolution: int | None = None, **settings) -> A2BFRRestorer:
         """Base Flux pipeline folder + an A²BFR LoRA (ours or the official file). The size and T5 length default to
         what the LoRA was trained with (``a2bfr_config.json``), else the official 512 x 512 / 512 tokens;
-        ``resolution`` sets a square size. ``lora_scale`` overrides the recorded scale."""
+        ``resolution`` sets a square size. ``lora_scale`` overrides the recorded scale, ``condition_latent`` the
+        recorded condition latent (else "sample")."""
         pipe = A2BFRPipeline.from_pretrained(base, dtype=dtype).to(device)
         record = pipe.load_a2bfr_lora(lora, lora_scale=lora_scale)
+        if settings.get("condition_latent") is not None:
+            settings["condition_latent_from"] = "option"
+        elif pipe.condition_latent is not None:
+            settings["condition_latent"], settings["condition_latent_from"] = pipe.condition_latent, "the LoRA's record"
+        else:
+            settings["condition_latent_from"] = "default (the LoRA records none)"
         trained = (record.get("training") or {}).get("model") or {}
         side = resolution or trained.get("resolution")
         for key in ("width", "height"):
@@ -66,7 +76,8 @@ class A2BFRRestorer:
         return {"prompt": self.prompt, "width": self.width, "height": self.height, "steps": self.steps,
                 "guidance": self.guidance_scale, "image_guidance": self.image_guidance_scale,
                 "max_sequence_length": self.max_sequence_length, "seed": self.seed, "batch_size": self.batch_size,
-                "condition_latent": self.condition_latent, "condition_cache": self.condition_cache,
+                "condition_latent": self.condition_latent, "condition_latent_from": self.condition_latent_from,
+                "condition_cache": self.condition_cache,
                 "batch_guidance": self.batch_guidance, "adapter": pipe.adapter_name, "lora_scale": pipe.lora_scale,
                 "condition_attends": pipe.condition_attends, "device": str(pipe._execution_device),
                 "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
@@ -110,8 +121,8 @@ def build_restorer(base: str | Path, weights: str | Path, *, device: str | torch
                    guidance_scale: float | None = None, image_guidance_scale: float | None = None,
                    seed: int = 0, **options) -> A2BFRRestorer:
     """The ``attrface restore --model a2bfr`` entry point (None: the official default). ``options``: width,
-    height, resolution, lora_scale, batch_size, max_sequence_length, condition_latent, condition_cache,
-    batch_guidance."""
+    height, resolution, lora_scale, batch_size, max_sequence_length, condition_latent (None: the LoRA's recorded
+    one), condition_cache, batch_guidance."""
     return A2BFRRestorer.load(base, weights, device=device, dtype=dtype, prompt=prompt, steps=steps,
                               guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, seed=seed,
                               **options)

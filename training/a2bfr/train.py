@@ -32,7 +32,8 @@ SAMPLES_PNG = "samples.png"
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:
-    """Frozen weights in the mixed-precision dtype (diffusers' training scripts); trained LoRA weights stay fp32."""
+    """Frozen weights in the mixed-precision dtype (diffusers' training scripts); trained LoRA weights stay fp32
+    unless ``model.lora.dtype`` is bf16 (OminiControl's whole-model bf16)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
 
@@ -66,12 +67,13 @@ def load_models(cfg: A2BFRTrainConfig, device: torch.device) -> tuple[A2BFRPipel
             part.requires_grad_(False)
     lora = cfg.model.lora
     add_condition_lora(pipe.transformer, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                       adapter_name=lora.adapter_name)
+                       adapter_name=lora.adapter_name, init=lora.init)
     set_lora_scale(pipe.transformer, lora.adapter_name, lora.scale)
     freeze_unused_lora(pipe.transformer)
-    for param in pipe.transformer.parameters():  # the adapter trains in fp32 under mixed precision
+    lora_dtype = torch.bfloat16 if lora.dtype == "bf16" else torch.float32
+    for param in pipe.transformer.parameters():  # the adapter trains in fp32 (master weights) or bf16
         if param.requires_grad:
-            param.data = param.data.float()
+            param.data = param.data.to(lora_dtype)
     pipe.adapter_name, pipe.condition_attends = lora.adapter_name, cfg.model.condition_attends
     if cfg.train.gradient_checkpointing:
         pipe.vae.enable_gradient_checkpointing()  # the attribute loss decodes with gradients
@@ -81,18 +83,33 @@ def load_models(cfg: A2BFRTrainConfig, device: torch.device) -> tuple[A2BFRPipel
     return pipe, farl
 
 
+# Settings added after runs were made, at the value those runs trained with: recorded by omission, so they resume.
+HISTORICAL = {("model", "base_dtype"): "bf16", ("model", "condition_latent"): "mean",
+              ("model", "lora", "init"): "kaiming", ("model", "lora", "dtype"): "fp32"}
+
+
 def run_record(cfg: A2BFRTrainConfig) -> dict:
-    """The config a checkpoint records and a resume is checked against. The unquantized base is recorded by
-    omission, as runs made before ``base_dtype`` existed record it, so they resume."""
+    """The config a checkpoint records and a resume is checked against. A setting at the value runs made before it
+    existed trained with (:data:`HISTORICAL`: the unquantized base, the condition's posterior mean, peft's
+    kaiming init, fp32 LoRA weights) is recorded by omission, so those runs resume."""
     record = cfg.model_dump(mode="json")
-    if record["model"]["base_dtype"] == "bf16":
-        del record["model"]["base_dtype"]
+    for path, value in HISTORICAL.items():
+        *parents, key = path
+        section = record
+        for name in parents:
+            section = section[name]
+        if section.get(key) == value:
+            del section[key]
     return record
 
 
 def lora_record(cfg: A2BFRTrainConfig) -> dict:
-    return {"lora_scale": cfg.model.lora.scale, "condition_attends": cfg.model.condition_attends,
-            "base": cfg.model.base, "rank": cfg.model.lora.rank, "alpha": cfg.model.lora.alpha,
+    """What ``a2bfr_config.json`` records beside the weights: restore reads ``lora_scale``, ``condition_attends``
+    and ``condition_latent`` (the condition latent the LoRA was trained on, the restore default)."""
+    lora = cfg.model.lora
+    return {"lora_scale": lora.scale, "condition_attends": cfg.model.condition_attends,
+            "condition_latent": cfg.model.condition_latent, "base": cfg.model.base, "rank": lora.rank,
+            "alpha": lora.alpha, "lora_init": lora.init, "lora_dropout": lora.dropout, "lora_dtype": lora.dtype,
             "training": cfg.model_dump(mode="json")}
 
 
@@ -105,7 +122,7 @@ def sample_grid(pipe: A2BFRPipeline, batch: dict, cfg: A2BFRTrainConfig, *, seed
     prompts_tar = list(batch["prompt_tar"]) if dual else prompts_src
     kwargs = {"height": res, "width": res, "num_inference_steps": cfg.samples.steps, "output_type": "pt",
               "guidance_scale": cfg.samples.guidance_scale, "max_sequence_length": cfg.model.max_sequence_length,
-              "progress": False}
+              "condition_latent": cfg.model.condition_latent, "progress": False}
     src = pipe(lq, prompts_src, generator=torch.Generator().manual_seed(seed), **kwargs).images
     tar = pipe(lq, prompts_tar, generator=torch.Generator().manual_seed(seed), **kwargs).images
     gt = batch["gt_src"] if dual else batch["gt"]
@@ -135,7 +152,8 @@ def train(cfg: A2BFRTrainConfig, *, log: Callable[[str], None] = print) -> tuple
 
         latents = LatentCache(cfg.latent_cache, resolution=cfg.model.resolution)
     objective = Objective(pipe=pipe, farl=farl, loss=cfg.loss, resolution=cfg.model.resolution,
-                          max_sequence_length=cfg.model.max_sequence_length, latents=latents)
+                          max_sequence_length=cfg.model.max_sequence_length, latents=latents,
+                          condition_latent=cfg.model.condition_latent, lora_dtype=cfg.model.lora.dtype)
     data = cfg.data.model_copy(update={"resolution": cfg.model.resolution})
     out = Path(cfg.train.output_dir)
     samples = (preview_batch(cfg.data, size=cfg.samples.faces, split=cfg.samples.split,
@@ -153,7 +171,10 @@ def train(cfg: A2BFRTrainConfig, *, log: Callable[[str], None] = print) -> tuple
     def save_fn(m: torch.nn.Module, folder: Path) -> None:
         save_a2bfr_lora(pipe.transformer, folder, adapter_name=cfg.model.lora.adapter_name, record=lora_record(cfg))
 
-    trainer = Trainer(cfg.train, model=model, loader_factory=lambda epoch: make_loader(data, epoch=epoch),
+    # A bf16 LoRA trains the whole model in bf16 without autocast, as OminiControl (Lightning's default precision
+    # over a bf16 model): the frozen weights are bf16 already (weight_dtype), so accelerate adds no autocast.
+    settings = cfg.train if cfg.model.lora.dtype == "fp32" else cfg.train.model_copy(update={"mixed_precision": "no"})
+    trainer = Trainer(settings, model=model, loader_factory=lambda epoch: make_loader(data, epoch=epoch),
                       step_fn=step_fn, save_fn=save_fn,
                       config={**run_record(cfg), DATA_FINGERPRINT: data_fingerprint(data)},
                       on_checkpoint=lambda step, folder: render(folder), log=log)
