@@ -6,6 +6,7 @@ import torch
 
 from attrface_pipeline import bench_gpu
 from attrface_pipeline.bench_gpu import NO_CUDA_PEAK, SD35, build_architecture, check_arguments, run_benchmark, table
+from attrface_pipeline.config import PROJECT_ROOT
 
 
 # The transformers of the published configs as diffusers builds them (Stability quotes 8.1 B for Large).
@@ -151,7 +152,7 @@ def test_run_all_uses_the_folders_it_is_given(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_all_rows_in_their_tiny_form_on_cpu(tmp_path):
+def test_all_rows_in_their_tiny_form_on_cpu(tmp_path, tiny_zoo):
     """`bench-gpu --all` on a CPU: every part runs (the tiny models) or says why not, into one JSON and the table;
     no goal is marked on tiny figures, and the papers' complexity table gets no restore time from them."""
     import json
@@ -160,6 +161,8 @@ def test_all_rows_in_their_tiny_form_on_cpu(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("the CPU form")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "tiny").symlink_to(tiny_zoo, target_is_directory=True)  # the session's zoo, not a new one
     result = run_all(tmp_path, cache_dir=tmp_path / "cache", log=lambda m: None)
     saved = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert saved["summary"] == result["summary"] and saved["restore_s_per_face"] == {}
@@ -173,8 +176,9 @@ def test_all_rows_in_their_tiny_form_on_cpu(tmp_path):
     table = (tmp_path / "bench_gpu.md").read_text()
     assert table.startswith("cpu (tiny models") and "✓" not in table and "✗" not in table
     assert f"| a2bfr_bf16_b1_peak_gib | — ({NO_CUDA_PEAK}) |" in table
-    # every tiny model came from (or was generated into) the store it was given, none into the checkout
+    # every tiny model came from the store it was given, none from (or into) the checkout's
     assert {"flux", "sd2-controlnet", "sd3"} <= {p.name for p in (tmp_path / "cache" / "tiny").iterdir()}
+    assert str(PROJECT_ROOT / "data" / "cache") not in json.dumps(result, default=str)
     docs = tmp_path / "benchmarks.md"
     docs.write_text("intro\n<!-- bench-gpu --all: start -->\nold\n<!-- bench-gpu --all: end -->\nrest\n")
     assert update_docs(result, docs)

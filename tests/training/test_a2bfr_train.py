@@ -131,6 +131,17 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path, training_zoo, two
     # its step-size estimate carried over: d never shrinks, and its running numerator went on from the saved one
     assert group0["d_numerator"] != 0 and group1["d"] >= group0["d"]
     assert group1["d_numerator"] != group0["d_numerator"]
+    # bit-identical to a run that was never killed (every random draw of the step -- GT and condition posterior
+    # draws, timestep, noise -- continues from the checkpoint's streams)
+    from safetensors.torch import load_file
+
+    straight = resumed_cfg.model_copy(update={"train": resumed_cfg.train.model_copy(
+        update={"output_dir": str(tmp_path / "straight")})})
+    train(straight, log=lambda m: None)
+    name = f"checkpoint-{killed_at + 2:06d}"
+    killed = load_file(tmp_path / "run" / "checkpoints" / name / "trainable.safetensors")
+    whole = load_file(tmp_path / "straight" / "checkpoints" / name / "trainable.safetensors")
+    assert killed.keys() == whole.keys() and all(torch.equal(killed[k], whole[k]) for k in killed)
 
 
 def test_restore_cli_layout_flags_and_exit_status_on_real_photos(tmp_path, training_zoo, two_pairs):
