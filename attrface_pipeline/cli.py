@@ -603,7 +603,7 @@ def restore(
                   "condition_latent": condition_latent, "condition_cache": condition_cache,
                   "batch_guidance": batch_guidance}
     if model != "a2bfr":
-        given = [k for k, v in a2bfr_only.items() if v not in (None, False, "sample", 1)]
+        given = [k for k, v in a2bfr_only.items() if v not in (None, False, 1)]
         if given:
             fail(f"--{given[0].replace('_', '-')} is an A²BFR option; {model} does not take it", EXIT_USAGE)
         a2bfr_only = {}
