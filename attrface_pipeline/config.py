@@ -312,7 +312,9 @@ class BenchmarksConfig(_Strict):
 class A2BFRConfig(_Strict):
     """The ``a2bfr_lora`` asset: training settings on top of training.a2bfr.config's defaults (REFERENCE.md).
 
-    Offline defaults train the tiny Flux a few steps on the sample shards; ``full`` trains FLUX.1-dev at 512.
+    Offline defaults train the tiny Flux 150 steps on the sample shards (Prodigy's step size ramps up from 1e-6 over
+    the first ~100: fewer leave every LoRA where it started, so the ablations could not differ); ``full`` trains
+    FLUX.1-dev at 512.
     Loss weights (lambda, m, alpha) are unpublished: defaults, recorded with every checkpoint.
     """
 
@@ -321,7 +323,7 @@ class A2BFRConfig(_Strict):
         "src", description="which face of a pair is trained on in single mode and degraded into the LQ (src: the "
         "real photos only; random: both faces of every pair)")
     resolution: int = Field(64, ge=16, multiple_of=16, description="square training size (multiple of 16)")
-    max_steps: int = Field(20, ge=1)
+    max_steps: int = Field(150, ge=1)
     batch_size: int = Field(2, ge=1, description="per process")
     lr: float = Field(1.0, gt=0, description="Prodigy's multiplier (1.0 = its own estimate)")
     optimizer: Literal["prodigy", "adamw", "adamw8bit"] = Field(
@@ -349,7 +351,7 @@ class A2BFRConfig(_Strict):
     max_sequence_length: int = Field(32, ge=8, le=512, description="T5 tokens")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = True
-    checkpoint_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
     num_processes: int = Field(1, ge=1, description="accelerate processes (GPUs) the asset launches")
     degradation: str = Field("train", description="training.degradation preset of the LQ images")
     sample_faces: int = Field(2, ge=0, description="rows of the sample grid")

@@ -8,6 +8,7 @@ users add or replace experiments in their own YAML files of the same shape (``ex
         description: a wider dual-loss margin
         overrides: {sdt_margin: 0.5}
         tables: [a2bfr_tab4]
+        paper_row: Ours  # optional: the published row it stands for (or {table: row name})
 
 An experiment's overrides are validated against its model's config section (``a2bfr`` / ``roboface``) when the
 file is read, so a typo names the file, the experiment and the key. Its *fingerprint* is the resolved training
@@ -28,7 +29,7 @@ from attrface_pipeline.config import CONFIGS_DIR, A2BFRConfig, RoboFaceSection, 
 
 MODELS = ("a2bfr", "roboface")
 INVALID_NAME_CHARACTERS = set("|,[]/ \t\n")  # Dagster partition keys and run-folder names
-BODY_FIELDS = ("description", "overrides", "tables")
+BODY_FIELDS = ("description", "overrides", "tables", "paper_row")
 NOT_OVERRIDABLE = ("output_dir", "num_processes")  # where and how wide a run goes is not part of an experiment
 # The papers' tables an experiment may be a row of, and whose experiments their rows are. training.eval.paper's
 # PAPER_TABLES lays each one out; this plain list lets a file be checked without importing the evaluation code.
@@ -48,6 +49,9 @@ class Experiment(BaseModel):
     description: str = ""
     overrides: dict[str, Any] = Field(default_factory=dict)
     tables: tuple[str, ...] = ()
+    # paper table -> the published row it stands for (configs/published_tables.yaml's method name): the paper
+    # tables place it below that row and show its difference to the published numbers
+    paper_row: dict[str, str] = Field(default_factory=dict)
     source: str = ""  # the file that defined it
 
     @property
@@ -105,7 +109,7 @@ def _experiment(path: Path, model: str, name: Any, body: Any) -> tuple[Experimen
     if body is None:
         body = {}
     if not isinstance(body, dict):
-        return None, [f"{where}: must be a mapping ({', '.join(BODY_FIELDS)}), got {_kind(body)}"]
+        return None, [f"{where}: must be a mapping ({', '.join(BODY_FIELDS[:3])}), got {_kind(body)}"]
     problems = []
     unknown = [str(k) for k in body if k not in BODY_FIELDS]
     if unknown:
@@ -136,10 +140,21 @@ def _experiment(path: Path, model: str, name: Any, body: Any) -> tuple[Experimen
             elif PAPER_TABLE_MODELS[table] != model:
                 problems.append(f"{where}: tables: {table!r} is a {PAPER_TABLE_MODELS[table]} table; {model} "
                                 f"tables: {allowed}")
+    paper_row = body.get("paper_row")
+    if isinstance(paper_row, str) and paper_row and isinstance(tables, list):
+        paper_row = {t: paper_row for t in tables}  # one name: the same row in each of its tables
+    if paper_row is None:
+        paper_row = {}
+    if not isinstance(paper_row, dict) or not all(isinstance(v, str) and v for v in paper_row.values()):
+        problems.append(f"{where}: paper_row: must be the published row's name, or a mapping of paper table -> "
+                        f"row name, got {_kind(paper_row)}")
+    elif isinstance(tables, list):
+        problems += [f"{where}: paper_row: {t!r} is not one of its tables ({', '.join(map(str, tables)) or 'none'})"
+                     for t in paper_row if t not in tables]
     if problems:
         return None, problems
     return Experiment(name=name, model=model, description=description or "", overrides=dict(overrides),
-                      tables=tuple(dict.fromkeys(tables)), source=str(path)), []
+                      tables=tuple(dict.fromkeys(tables)), paper_row=dict(paper_row), source=str(path)), []
 
 
 def read_experiments(path: str | Path) -> dict[str, dict[str, Experiment]]:

@@ -1,10 +1,12 @@
 """The papers' tables as an asset (``paper_report``), and the ``reproduce`` job that goes from photos to them.
 
 ``paper_report`` reads what the experiment evaluations left (``a2bfr_eval`` / ``roboface_eval``, one partition per
-experiment) and ``baseline_eval``, and lays out one table per paper table (training/eval/paper.py), the complexity
-table (parameters from the real architectures on the meta device, estimated peak memory, s/face from the GPU
-benchmark's JSON when one was run), the experiments' loss curves overlaid and each metric against the degradation
-level.
+experiment) and ``baseline_eval``, and lays out every published table of both papers with the experiments' rows
+beside the published rows (training/eval/paper.py; configs/published_tables.yaml), each model's training table
+(final loss and trained weights against ``full``), the complexity table (parameters from the real architectures on
+the meta device, estimated peak memory, s/face from the GPU benchmark's JSON when one was run, RoboFace Tab. 10's
+published rows), the experiments' loss curves overlaid and each metric against the degradation level. Offline, it
+says at its top that the rows of ours come from tiny random models.
 
 ``reproduce`` runs, one after another and each as its own Dagster run (so each shows in the UI with its partition
 and resumes on its own): build_dataset, build_benchmarks, every selected experiment of each model (training, then
@@ -12,6 +14,7 @@ its evaluation), then reproduce_report (the baselines and paper_report). Selecte
 ``experiments.roboface``. A failed step stops the job and names the run that failed.
 """
 
+import html
 import json
 import math
 from pathlib import Path
@@ -74,10 +77,12 @@ def collect_results(instance: dg.DagsterInstance, cfg) -> tuple[list, dict, dict
             record = _meta_value(meta, "record") or {}
             rows = _results(_meta_value(meta, "results"))
             if rows:
+                losses = read_losses(record["losses"]) if record.get("losses") else []
                 results[model][exp.name] = ExperimentResult(exp.name, record.get("fingerprint") or fingerprint, rows,
-                                                            caveat=record.get("caveat") or "")
-                if record.get("losses"):
-                    curves[exp.key] = read_losses(record["losses"])
+                                                            caveat=record.get("caveat") or "",
+                                                            weights=record.get("weights"), losses=losses)
+                if losses:
+                    curves[exp.key] = losses
                 continue
             why = (f"not evaluated yet: materialize {EVALS[model].key.to_user_string()} [{exp.name}] (or run the "
                    f"reproduce job)" if exp.name in chosen else
@@ -89,6 +94,7 @@ def collect_results(instance: dg.DagsterInstance, cfg) -> tuple[list, dict, dict
 def complexity_table(cfg, bench: dict | None):
     """RoboFace Tab. 10's columns for both models: parameters and trainable parameters of the real architectures
     (meta device), the plan's estimated training peak at batch 1, and restore s/face from a GPU benchmark JSON."""
+    from training.eval.paper import add_published_complexity
     from training.eval.report import Cell, Table
     from training.plan import a2bfr_plan, roboface_plan
 
@@ -119,7 +125,7 @@ def complexity_table(cfg, bench: dict | None):
                                                                "--all` on a GPU machine" if c.profile == "full" else
                                                     "tiny models: their speed says nothing about the papers'"))
         table.rows.append((name, cells))
-    return table
+    return add_published_complexity(table)
 
 
 def _level_plot(results: dict, baseline_rows: list[dict]) -> bytes | None:
@@ -142,17 +148,31 @@ def _level_plot(results: dict, baseline_rows: list[dict]) -> bytes | None:
                                                                      "degradation level")
 
 
+PAPER_REPORT_INTRO = (
+    "Rows marked (published) are the papers' numbers on their own data (configs/published_tables.yaml: every numeric "
+    "table of both papers, every method compared, as printed); every other row is measured here. A row of ours sits "
+    "below the published row it stands for (configs/experiments.yaml: paper_row), and '(vs published ±x)' is our "
+    "number minus that published one. Ablation cells carry the difference to the table's reference experiment in "
+    "brackets. The training tables compare each experiment's final loss and trained weights with the full model's.")
+OFFLINE_CAVEAT = (
+    "Offline profile: every row of ours comes from tiny, randomly initialised models trained for a few minutes on the "
+    "CPU on the sample photos, and is scored by tiny random metric networks where the real ones are not installed. "
+    "These rows show that each step runs and that the ablation switches change the training; their numbers, and "
+    "their differences to the published ones, say nothing about the papers' methods.")
+
+
 @dg.asset(
     deps=[a2bfr_eval, roboface_eval, baseline_eval],
-    description="The papers' tables: A²BFR Tab. 2-5 and RoboFace Tab. 2-10 with the experiments' rows beside the "
-    "published ones, deltas to each ablation's reference experiment, the complexity table, overlaid loss curves and "
+    description="The papers' tables: every published row of A²BFR Tab. 1-5 and RoboFace Tab. 1-10 with the "
+    "experiments' rows beside the paper rows they stand for (and their differences), deltas to each ablation's "
+    "reference experiment, what each experiment's training changed, the complexity table, overlaid loss curves and "
     "metrics against the degradation level.",
     group_name="evaluation",
     kinds={"python"},
 )
 def paper_report(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) -> dg.MaterializeResult:
     from attrface_pipeline.plots import overlaid_curves_png
-    from training.eval.paper import paper_tables
+    from training.eval.paper import paper_tables, training_table
 
     cfg = attrface.pipeline_config()
     experiments, results, curves = collect_results(context.instance, cfg)
@@ -160,14 +180,15 @@ def paper_report(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) ->
     baseline_rows = _results(_meta_value(base_meta, "results"))
     baseline_notes = {m["name"]: m.get("unavailable") or "" for m in (_meta_value(base_meta, "methods") or [])}
     tables = [t for model in ("a2bfr", "roboface")
-              for t in paper_tables(experiments, results[model], baseline_rows, baseline_notes, model=model)]
+              for t in [*paper_tables(experiments, results[model], baseline_rows, baseline_notes, model=model),
+                        training_table(model, experiments, results[model])]]
     bench_path = cfg.paths.data_root / "benchmarks_gpu" / GPU_BENCH_JSON
     bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
     tables.append(complexity_table(cfg, bench))
     out = cfg.paths.data_root / EVAL_DIR / PAPER_DIR
-    md = ["# AttrFace: the papers' tables", "",
-          "Rows marked *(published)* are the papers' numbers on their own data; every other row is measured here. "
-          "Ablation cells carry the difference to the table's reference experiment in brackets.", ""]
+    md = ["# AttrFace: the papers' tables", "", PAPER_REPORT_INTRO, ""]
+    if cfg.profile == "offline":
+        md += [OFFLINE_CAVEAT, ""]
     md += [t.markdown() for t in tables]
     metadata: dict = {}
     if curves:
@@ -186,7 +207,9 @@ def paper_report(context: dg.AssetExecutionContext, attrface: AttrFaceConfig) ->
     page = ("<!doctype html><meta charset=utf-8><title>AttrFace: the papers' tables</title><style>body{font-family:"
             "sans-serif}table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
             "text-align:right}td:first-child{text-align:left}tr.published{color:#666;font-style:italic}</style>"
-            "<h1>AttrFace: the papers' tables</h1>" + "".join(t.html() for t in tables))
+            "<h1>AttrFace: the papers' tables</h1>" + f"<p>{html.escape(PAPER_REPORT_INTRO)}</p>"
+            + (f"<p><b>{html.escape(OFFLINE_CAVEAT)}</b></p>" if cfg.profile == "offline" else "")
+            + "".join(t.html() for t in tables))
     atomic_write_bytes(out / "paper_tables.html", page.encode())
     push_dirs(cfg.paths, f"{EVAL_DIR}/{PAPER_DIR}")
     evaluated = sorted(f"{model}/{name}" for model, by_name in results.items() for name, res in by_name.items()

@@ -168,9 +168,11 @@ def test_paper_tables_rows_columns_deltas_and_reasons():
                "baseline": ExperimentResult("baseline", "fp-base", base),
                "+aal": ExperimentResult("+aal", "fp-aal", [], missing="not selected (experiments.a2bfr)"),
                "attrface": ExperimentResult("attrface", "fp-full", [], missing="not selected")}
-    tables = {t.title.split(" · ")[0]: t for t in paper_tables(exps, results, [], model="a2bfr")}
-    tab4 = tables["A²BFR Tab. 4"]
-    assert [label for label, _ in tab4.rows] == ["full", "baseline", "+aal", "+sdt"]
+    tables = {t.title.split(" · deltas")[0]: t for t in paper_tables(exps, results, [], model="a2bfr")}
+    tab4 = next(t for title, t in tables.items() if title.startswith("A²BFR Tab. 4"))
+    labels = [label for label, _ in tab4.rows]
+    assert [label for label in labels if "(published)" not in label] == ["baseline", "+aal", "+sdt", "full"]
+    assert labels.index("full") == labels.index("Ours (published)") + 1  # below the paper row it stands for
     cells = dict(tab4.rows)
     assert math.isclose(cells["full"]["restoration:ids"].delta, 0.1)
     assert math.isclose(cells["full"]["attribute:lpips"].delta, -0.1)
@@ -180,18 +182,19 @@ def test_paper_tables_rows_columns_deltas_and_reasons():
     assert cells["+aal"]["restoration:ids"].note == "not selected (experiments.a2bfr)"
     assert cells["+sdt"]["restoration:ids"].note == "experiment a2bfr/+sdt was not run"
     md = tab4.markdown()
-    assert "0.5000 (+0.1000)" in md and "[1] tiny random base" in md
-    tab5 = tables["A²BFR Tab. 5"]
-    assert [label for label, _ in tab5.rows] == ["ffhq_only", "attrface (= full: same run)"]
+    assert "0.5000 (+0.1000)" in md and "] tiny random base" in md
+    tab5 = next(t for title, t in tables.items() if title.startswith("A²BFR Tab. 5"))
+    assert [label for label, _ in tab5.rows if "(published)" not in label] == ["attrface (= full: same run)",
+                                                                              "ffhq_only"]
     assert dict(tab5.rows)["attrface (= full: same run)"]["restoration:ids"].value == 0.5
-    tab2 = tables["A²BFR Tab. 2"]
-    assert [label for label, _ in tab2.rows][0] == "A²BFR, restoration (published)"
+    tab2 = tables["A²BFR Tab. 2 · restoration · AttrFace-90K-Test"]
+    assert [label for label, _ in tab2.rows][0] == "GFPGAN (published)"
     assert dict(tab2.rows)["bicubic"]["restoration:ids"].note.startswith("baselines not evaluated")
-    for table in tables.values():  # every cell: a number, or n/a with its reason
+    for table in tables.values():  # every cell: a number, text, or n/a with its reason
         for _, row in table.rows:
             assert set(row) <= set(table.columns)
             for cell in row.values():
-                assert cell.value is not None or cell.note
+                assert cell.value is not None or cell.note or cell.text
 
 
 def test_lambda_zero_trains_another_lora_and_one_config_trains_once(tmp_path, training_zoo, shard_dir):

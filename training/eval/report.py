@@ -56,27 +56,8 @@ RESULT_SCHEMA = pa.schema([
 ])
 
 
-@dataclass(frozen=True)
-class Published:
-    """A number printed in a paper (REFERENCE.md), shown as its own row, marked as published."""
-
-    method: str
-    source: str
-    set: str
-    table: str
-    values: dict[str, float]
-    level: str | None = None  # None: the paper's own degradation (shown beside every level of the set)
-
-
-PUBLISHED = (
-    Published("A²BFR", "A²BFR paper, AttrFace-90K-Test", "attrface_test", "restoration",
-              {"lpips": 0.2679, "ids": 0.3495}),
-    Published("A²BFR", "A²BFR paper, attribute-controlled restoration", "attrface_test", "attribute",
-              {"aa": 0.8536, "lpips": 0.2863, "cp_ids": 0.8301}),
-    Published("RoboFace", "RoboFace paper, CelebA-Test OOD level", "celeba_test_levels", "restoration",
-              {"fid": 56.53, "lpips": 0.52}, level="ood"),
-)
-
+# The papers' published numbers: configs/published_tables.yaml, read and laid out by training.eval.paper (the one
+# source of published rows for this report and the paper tables).
 
 # --- sets ----------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -299,6 +280,8 @@ class Cell:
     n: int = 0
     note: str = ""
     delta: float | None = None  # the difference to a reference row (ablation tables), shown beside the value
+    vs_published: float | None = None  # this number minus the published one of the paper row it stands for
+    text: str = ""  # shown instead of the formatted value: a published number as printed, or a text field
 
 
 def _mean(values: np.ndarray) -> float:
@@ -422,6 +405,7 @@ class Table:
     rows: list[tuple[str, dict[str, Cell]]]
     labels: dict[str, str] = field(default_factory=dict)
     row_notes: dict[str, str] = field(default_factory=dict)  # row label -> caveat, a footnote beside the label
+    notes: list[str] = field(default_factory=list)  # remarks on the whole table, printed below it
 
     def _cells(self) -> tuple[list[list[str]], list[str]]:
         notes: list[str] = []
@@ -436,6 +420,8 @@ class Table:
                 cell = cells.get(col)
                 if cell is None:
                     line.append("—")
+                elif cell.value is None and cell.text:  # a text field (a published table's non-numeric column)
+                    line.append(cell.text)
                 elif cell.value is None or (isinstance(cell.value, float) and math.isnan(cell.value)):
                     note = cell.note or "no value"
                     if note not in notes:
@@ -443,9 +429,12 @@ class Table:
                     line.append(f"n/a [{notes.index(note) + 1}]")
                 else:
                     metric = col.split(":")[-1].split("@")[0]
-                    text = _fmt(metric, cell.value)
+                    text = cell.text or _fmt(metric, cell.value)
                     if cell.delta is not None and math.isfinite(cell.delta):
                         text += f" ({'+' if cell.delta >= 0 else '−'}{_fmt(metric, abs(cell.delta))})"
+                    if cell.vs_published is not None and math.isfinite(cell.vs_published):
+                        sign = "+" if cell.vs_published >= 0 else "−"
+                        text += f" (vs published {sign}{_fmt(metric, abs(cell.vs_published))})"
                     if cell.note:  # a value with a caveat (an untrained network): said in the table itself
                         if cell.note not in notes:
                             notes.append(cell.note)
@@ -461,6 +450,8 @@ class Table:
         lines += ["| " + " | ".join(row) + " |" for row in body]
         if notes:
             lines += [""] + [f"[{i}] {n}  " for i, n in enumerate(notes, 1)]
+        if self.notes:
+            lines += [""] + [f"{n}  " for n in self.notes]
         return "\n".join(lines) + "\n"
 
     def html(self) -> str:
@@ -469,17 +460,26 @@ class Table:
         out = [f"<h4>{html.escape(self.title)}</h4>", "<table>",
                "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
         for row in body:
-            cls = ' class="published"' if row[0].endswith("(published)") else ""
+            cls = ' class="published"' if "(published)" in row[0] else ""
             out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
         out.append("</table>")
         if notes:
             out.append("<ol class=notes>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ol>")
+        out += [f"<p>{html.escape(n)}</p>" for n in self.notes]
         return "\n".join(out)
 
 
-def published_rows(set_name: str, level: str, table: str) -> list[tuple[str, dict[str, Cell]]]:
-    return [(f"{p.method} (published)", {k: Cell(v) for k, v in p.values.items()}) for p in PUBLISHED
-            if p.set == set_name and p.table == table and p.level in (None, level)]
+def published_table(title: str, columns: list[str], set_name: str, level: str, table: str) -> Table:
+    """A table of the evaluation report, started with the papers' own published rows of the paper set that
+    ``set_name`` at ``level`` stands for (configs/published_tables.yaml, through training.eval.paper); each row's
+    footnote names the paper table and set."""
+    from training.eval.paper import published_cells
+
+    out = Table(title, columns, [])
+    for label, cells, source in published_cells(set_name, level, table):
+        out.rows.append((label, cells))
+        out.row_notes[label] = source
+    return out
 
 
 # --- the report ----------------------------------------------------------------------------------------------------
@@ -567,10 +567,10 @@ def run_report(sets: Sequence[BenchSet], methods: Sequence[Method], scorers: Sco
             keys = [r["key"] for r in rows]
             columns = RESTORATION_GT if bset.has_gt else RESTORATION_REAL
             columns = [c for c in columns if c in metrics and (c != "sc" or bset.has_targets)]
-            restoration = Table(f"{bset.name} · {level} · restoration ({len(keys)} faces)", columns,
-                                published_rows(bset.name, level, "restoration"))
-            attribute = Table(f"{bset.name} · {level} · attribute-controlled ({len(keys)} faces)",
-                              [c for c in ATTRIBUTE if c in metrics], published_rows(bset.name, level, "attribute"))
+            restoration = published_table(f"{bset.name} · {level} · restoration ({len(keys)} faces)", columns,
+                                          bset.name, level, "restoration")
+            attribute = published_table(f"{bset.name} · {level} · attribute-controlled ({len(keys)} faces)",
+                                        [c for c in ATTRIBUTE if c in metrics], bset.name, level, "attribute")
             by_attribute: dict[str, dict[str, Cell]] = {}
             for method in methods:
                 p = preds[(method.name, bset.name)]
@@ -781,15 +781,10 @@ def _explain_non_finite(metric: str, cell: Cell, identical: int, pairs: int) -> 
 
 
 def check_json_path(path: str | Path) -> Path:
-    """``path`` usable as the JSON output file, checked before any work: ValueError when it is a folder or one of
-    its parents is a file."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"--json {path} is a folder: name a file (e.g. {path / 'metrics.json'})")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ValueError(f"--json {path}: {parent} is a file, not a folder")
-    return path
+    """``path`` usable as the JSON output file, checked before any work (storage.check_output_file)."""
+    from attrface_pipeline.storage import check_output_file
+
+    return check_output_file(path, "--json")
 
 
 def cells_json(cells: dict[str, Cell]) -> dict[str, dict]:
