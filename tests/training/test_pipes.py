@@ -80,7 +80,7 @@ def test_python_launcher_and_failure_surfaces(tmp_path):
 def test_launch_command_flags(tmp_path):
     cfg = tmp_path / LAUNCH_CONFIG
     cmd = launch_command("training.a2bfr.train", cfg, num_processes=1, mixed_precision="bf16", cuda=True)
-    assert cmd[1:] == ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+    assert cmd[1:] == ["-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1", "--num_machines", "1",
                        "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "training.a2bfr.train",
                        "--config", str(cfg)]
     multi = launch_command("m", cfg, num_processes=4, cuda=True)
